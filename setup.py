@@ -1,0 +1,70 @@
+"""Builds mlstm_ext._C: the op library (CPU kernel always; CUDA kernels when nvcc and a CUDA-enabled
+torch are present; a GPU is not needed to compile them).
+
+Build without build isolation, against the torch already installed:
+    pip install --no-build-isolation -e .
+Set MLSTM_EXT_CUDA=0 to skip the CUDA kernels, MLSTM_EXT_CUDA=1 to insist on them.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _cuda_wanted() -> bool:
+    flag = os.environ.get("MLSTM_EXT_CUDA", "auto")
+    if flag == "0":
+        return False
+    nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    present = torch.version.cuda is not None and nvcc
+    if flag == "1" and not present:
+        raise RuntimeError(
+            "MLSTM_EXT_CUDA=1 but CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+        )
+    return present
+
+
+WITH_CUDA = _cuda_wanted()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+cxx_flags = ["-O3", "-std=c++17"]
+define_macros = []
+extra = {"cxx": cxx_flags}
+
+if WITH_CUDA:
+    # Portable sm_80 code plus Hopper's own (sm_90a), and PTX for newer GPUs to JIT from.
+    # Set here so the build never depends on which GPU (if any) this machine has.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    define_macros.append(("MLSTM_EXT_WITH_CUDA", None))
+    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                     "-Xptxas=-warn-spills"]
+    Ext = CUDAExtension
+else:
+    Ext = CppExtension
+
+ext = Ext(
+    name="mlstm_ext._C",
+    sources=sources,
+    include_dirs=[os.path.join(HERE, "csrc")],
+    define_macros=define_macros,
+    extra_compile_args=extra,
+    # py_limited_api keeps libtorch_python out of the link: the library depends on libtorch only
+    # and loads in a C++ process with no Python interpreter.
+    py_limited_api=True,
+)
+
+setup(
+    name="mlstm_ext",
+    version="0.1.0",
+    description="Chunkwise mLSTM intra-chunk H step (xLSTM) as a compiled PyTorch operator",
+    packages=["mlstm_ext"],
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+)
