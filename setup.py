@@ -7,11 +7,32 @@ Set MLSTM_EXT_CUDA=0 to skip the CUDA kernels, MLSTM_EXT_CUDA=1 to insist on the
 """
 import glob
 import os
+import shutil
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _find_cuda_home():
+    """The CUDA toolkit root holding nvcc *and* the headers (nvcc may be a wrapper elsewhere)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and os.path.exists(
+            os.path.join(c, "include", "cuda_runtime_api.h")
+        ):
+            return c
+    return None
+
+
+# Must be set before torch.utils.cpp_extension reads it at import.
+if _find_cuda_home():
+    os.environ["CUDA_HOME"] = _find_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _cuda_wanted() -> bool:
@@ -32,7 +53,9 @@ WITH_CUDA = _cuda_wanted()
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-fopenmp-simd"]  # the C++ standard is the one torch asks for
+# -fopenmp: at::parallel_for is inline OpenMP code, serial without it (libgomp.so.1 is the one
+# libtorch_cpu already loads). The C++ standard is the one torch asks for.
+cxx_flags = ["-O3", "-fopenmp"]
 define_macros = []
 extra = {"cxx": cxx_flags}
 
@@ -54,6 +77,7 @@ ext = Ext(
     include_dirs=[os.path.join(HERE, "csrc")],
     define_macros=define_macros,
     extra_compile_args=extra,
+    extra_link_args=["-fopenmp"],
     # py_limited_api keeps libtorch_python out of the link: the library depends on libtorch only
     # and loads in a C++ process with no Python interpreter.
     py_limited_api=True,

@@ -15,6 +15,7 @@ __all__ = [
     "has_cuda_kernels",
     "parallel_fw_hintra",
     "mlstm_chunkwise__parallel_fw_Hintra",
+    "MLSTMLayer",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,7 +23,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def library_path() -> str:
     """Path of the compiled op library. It depends on libtorch only (no Python), so a C++
-    program can dlopen it (or link it) to get ``mlstm::parallel_fw_hintra``."""
+    program can dlopen it (or link it) to get ``mlstm::parallel_fw_hintra``.
+    ``MLSTM_EXT_LIBRARY`` overrides it (to compare two builds in one session)."""
+    if os.environ.get("MLSTM_EXT_LIBRARY"):
+        return os.environ["MLSTM_EXT_LIBRARY"]
     found = sorted(glob.glob(os.path.join(_HERE, "_C*.so")) + glob.glob(os.path.join(_HERE, "_C*.pyd")))
     if not found:
         raise ImportError(
@@ -78,3 +82,5 @@ def parallel_fw_hintra(
 
 # The name of the reference function, so code written for mlstm_kernels switches by import.
 mlstm_chunkwise__parallel_fw_Hintra = parallel_fw_hintra
+
+from .layer import MLSTMLayer  # noqa: E402  (a TorchScript-able layer on the op; see examples/cpp)

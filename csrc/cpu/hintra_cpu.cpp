@@ -55,8 +55,8 @@ void chunk_numerator(const ChunkView& c, float* num, double* nsum) {
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < c.DHQK; ++d) dot += qt[d] * ks[d];
-      // D[t, s] - m[t] = (bg[t] - bg[s] + i[s]) - m[t]
-      const double w = c.qk_scale * (double)dot * std::exp(row_shift - c.bg[s] + c.igate[s]);
+      // D[t, s] - m[t] = (bg[t] - bg[s] + i[s]) - m[t], formed in float64; float exp is enough.
+      const double w = c.qk_scale * (double)dot * (double)std::exp((float)(row_shift - c.bg[s] + c.igate[s]));
       ws += w;
       const float wf = (float)w;
       const float* vs = c.v + s * c.DHHV;

@@ -1,0 +1,74 @@
+"""Quick GPU smoke: accuracy of the op (and Triton's, when importable) vs float64, and timings.
+Dev tool for one device call; the full benchmark is bench_gpu.py."""
+import sys, time, torch
+import mlstm_ext
+from mlstm_ext.reference import parallel_fw_hintra_reference as ref, recurrent_fw_states as rec
+
+try:
+    from mlstm_kernels.torch.chunkwise.triton_xl_chunk.fw_parallel import mlstm_chunkwise__parallel_fw_Hintra as triton_hintra
+except Exception as e:  # noqa
+    print("triton peer not importable:", e); triton_hintra = None
+
+dev = "cuda"
+def make(B, NH, S, DQ, DV, L, dt, seed):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=dev, generator=g)
+    q, k, v = r(B, NH, S, DQ).to(dt), r(B, NH, S, DQ).to(dt), r(B, NH, S, DV).to(dt)
+    i, f = r(B, NH, S), 3 + r(B, NH, S)
+    C, n, m = rec(k, v, i, f, chunk_size=L, compute_dtype=torch.float32)
+    return q, k, v, i, f, C, n, m
+
+fails = 0
+print(torch.cuda.get_device_name(), torch.__version__)
+for (B, NH, S, DQ, DV, L) in [(2, 3, 256, 64, 64, 64), (1, 2, 512, 128, 128, 128), (1, 2, 256, 48, 80, 16), (1, 1, 96, 50, 70, 32),
+                              (1, 2, 512, 256, 512, 128), (2, 2, 256, 128, 128, 256), (1, 1, 64, 3, 5, 64), (1, 2, 192, 100, 96, 24)]:
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x = make(B, NH, S, DQ, DV, L, dt, seed=B * S + DQ + DV + L)
+        Hr, Nr, Mr = ref(*x, chunk_size=L, compute_dtype=torch.float64)
+        H, N, M = torch.ops.mlstm.parallel_fw_hintra(*x, chunk_size=L)
+        torch.cuda.synchronize()
+        e = ((H.double() - Hr).norm() / Hr.norm()).item()
+        en = ((N.double() - Nr).abs() / Nr.abs()).max().item()
+        em = (M.double() - Mr).abs().max().item()
+        tol = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dt]
+        ok = e < tol and en < 1e-4 and em < 1e-4 and torch.isfinite(H).all()
+        fails += not ok
+        et = ""
+        if triton_hintra is not None and L >= 32 and (L & (L - 1)) == 0:
+            try:
+                Ht, Nt, Mt = triton_hintra(*x, chunk_size=L)
+                et = f" triton {((Ht.double() - Hr).norm() / Hr.norm()).item():.2e}"
+            except Exception as ex:  # noqa
+                et = f" triton err {type(ex).__name__}"
+        print(f"{'OK ' if ok else 'BAD'} {dt} {(B, NH, S, DQ, DV, L)} H {e:.2e} N {en:.2e} M {em:.2e}{et}")
+
+def bench(fn, n=20):
+    for _ in range(3): fn()
+    torch.cuda.synchronize()
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(n):
+        st.record(); fn(); en.record(); torch.cuda.synchronize(); ts.append(st.elapsed_time(en))
+    return sorted(ts)[len(ts) // 2]
+
+x = torch.empty(2 * 1024**3 // 4, device=dev); y = torch.empty_like(x)
+tc = bench(lambda: y.copy_(x)); bw = 2 * x.numel() * 4 / (tc * 1e-3) / 1e9
+print(f"copy bandwidth {bw:.0f} GB/s"); del x, y
+print("| shape | dtype | ours ms | triton default ms | ratio | floor ms |")
+for (B, NH, S, DQ, DV, L) in [(8, 16, 4096, 128, 128, 64), (8, 16, 4096, 128, 128, 128), (1, 8, 16384, 256, 512, 128), (4, 8, 8192, 256, 512, 64)]:
+    for dt in (torch.bfloat16, torch.float32):
+        if dt == torch.float32 and DQ > 128: continue
+        sets = [make(B, NH, S, DQ, DV, L, dt, seed=s) for s in range(2)]
+        it = iter(range(10**9))
+        ours = bench(lambda: torch.ops.mlstm.parallel_fw_hintra(*sets[next(it) % 2], chunk_size=L))
+        tri = float("nan")
+        if triton_hintra is not None:
+            try:
+                tri = bench(lambda: triton_hintra(*sets[next(it) % 2], chunk_size=L))
+            except Exception as ex:  # noqa
+                print("triton failed", ex)
+        NC = S // L; es = torch.finfo(dt).bits // 8
+        byts = B * NH * (S * (2 * DQ + 2 * DV) * es + NC * DQ * DV * 4 + NC * DQ * 4 + S * 4 * 4)
+        print(f"| {(B, NH, S, DQ, DV, L)} | {dt} | {ours:.3f} | {tri:.3f} | {tri / ours:.2f} | {byts / bw / 1e6:.3f} |")
+        del sets
+sys.exit(1 if fails else 0)

@@ -1,0 +1,32 @@
+// Launch code shared by the per-dtype translation units (hintra_bf16.cu, ...): shared-memory
+// size check and attribute, grid shape, launch on the caller's stream, error check.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include "cuda/hintra_kernel.cuh"
+#include "cuda/hintra_launch.h"
+
+namespace mlstm::cuda {
+
+template <class Tr>
+void launch_hintra(const HintraParams& p, int64_t num_bh, cudaStream_t stream) {
+  const SmemLayout lay = make_smem_layout<Tr>(p.DHQK, p.L);
+  int dev = 0, max_smem = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(lay.bytes <= max_smem, "parallel_fw_hintra: DHQK = ", p.DHQK, " with chunk_size = ",
+              p.L, " needs ", lay.bytes, " bytes of shared memory per block in the CUDA kernel, "
+              "more than this GPU allows (", max_smem, "); use a smaller DHQK or chunk_size, or CPU tensors");
+  const int64_t blocks = num_bh * p.NC * p.n_qt * p.n_dvt;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "parallel_fw_hintra: ", blocks,
+              " thread blocks exceed the CUDA grid limit; split the batch");
+  if (blocks == 0) return;
+  auto kernel = hintra_kernel<Tr>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.bytes));
+  kernel<<<static_cast<unsigned>(blocks), 2 * p.rows_per_block, lay.bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace mlstm::cuda
