@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <tuple>
 
 namespace mlstm {
@@ -27,6 +29,14 @@ struct HintraArgs {
 };
 
 using HintraOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // matH, vecN, vecM
+
+// Numbers in error messages go through std::to_string, never through an ostream: some toolchains
+// (seen on the GPU build machine) link a private libstdc++ into the library, and formatting a
+// number with a stream made there crashes. Strings, dtypes and devices print safely.
+template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
+inline std::string num(Int v) { return std::to_string(static_cast<long long>(v)); }
+inline std::string num(double v) { return std::to_string(v); }
+std::string shape_str(const at::Tensor& t);  // "[2, 3, 64]"
 
 HintraArgs check_hintra_args(
     const at::Tensor& matQ, const at::Tensor& matK, const at::Tensor& matV,

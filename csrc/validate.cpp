@@ -5,16 +5,17 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace mlstm {
-namespace {
 
 std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + num(t.size(d));
+  return s + "]";
 }
+
+namespace {
+
 
 bool is_input_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -25,14 +26,14 @@ bool is_float_dtype(at::ScalarType t) {
 }
 
 void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, "parallel_fw_hintra: ", name, " must have ", rank, " dims ", layout,
-              ", got ", t.dim(), " dims with shape ", shape_str(t));
+  TORCH_CHECK(t.dim() == rank, "parallel_fw_hintra: ", name, " must have ", num(rank), " dims ", layout,
+              ", got ", num(t.dim()), " dims with shape ", shape_str(t));
 }
 
 void check_dim(const at::Tensor& t, const char* name, int64_t dim, int64_t expected,
                const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, "parallel_fw_hintra: ", name, ".size(", dim, ") must be ",
-              what, " = ", expected, ", got ", t.size(dim), " (", name, " has shape ",
+  TORCH_CHECK(t.size(dim) == expected, "parallel_fw_hintra: ", name, ".size(", num(dim), ") must be ",
+              what, " = ", num(expected), ", got ", num(t.size(dim)), " (", name, " has shape ",
               shape_str(t), ")");
 }
 
@@ -49,7 +50,7 @@ void check_float(const at::Tensor& t, const char* name) {
 
 void check_positive_hint(std::optional<int64_t> v, const char* name) {
   TORCH_CHECK(!v.has_value() || *v > 0, "parallel_fw_hintra: launch hint ", name,
-              " must be positive when given, got ", v.value_or(0));
+              " must be positive when given, got ", num(v.value_or(0)));
 }
 
 }  // namespace
@@ -68,7 +69,7 @@ HintraArgs check_hintra_args(
   check_rank(matV, "matV", 4, "(B, NH, S, DHHV)");
   TORCH_CHECK(vecI.dim() == 3 || vecI.dim() == 4,
               "parallel_fw_hintra: vecI must have 3 dims (B, NH, S) or 4 dims (B, NH, NC, L), got ",
-              vecI.dim(), " dims with shape ", shape_str(vecI));
+              num(vecI.dim()), " dims with shape ", shape_str(vecI));
   check_rank(vecF, "vecF", 3, "(B, NH, S)");
   check_rank(matC_all, "matC_all", 4, "(B, NH, (NC+1)*DHQK, DHHV)");
   check_rank(vecN_all, "vecN_all", 3, "(B, NH, (NC+1)*DHQK)");
@@ -106,9 +107,9 @@ HintraArgs check_hintra_args(
               a.output_dtype);
 
   // Chunking.
-  TORCH_CHECK(chunk_size > 0, "parallel_fw_hintra: chunk_size must be positive, got ", chunk_size);
-  TORCH_CHECK(a.S % chunk_size == 0, "parallel_fw_hintra: the sequence length S = ", a.S,
-              " (matQ.size(2)) must be a multiple of chunk_size = ", chunk_size);
+  TORCH_CHECK(chunk_size > 0, "parallel_fw_hintra: chunk_size must be positive, got ", num(chunk_size));
+  TORCH_CHECK(a.S % chunk_size == 0, "parallel_fw_hintra: the sequence length S = ", num(a.S),
+              " (matQ.size(2)) must be a multiple of chunk_size = ", num(chunk_size));
   a.L = chunk_size;
   a.NC = a.S / chunk_size;
 
@@ -138,31 +139,31 @@ HintraArgs check_hintra_args(
   check_dim(matC_all, "matC_all", 3, DHHV, "DHHV (matV.size(3))");
   const int64_t c_rows = matC_all.size(2);
   TORCH_CHECK(c_rows >= NC * DHQK && (DHQK == 0 || c_rows % DHQK == 0),
-              "parallel_fw_hintra: matC_all.size(2) must be a multiple of DHQK = ", DHQK,
-              " holding at least NC = ", NC, " state slots (expected (NC+1)*DHQK = ",
-              (NC + 1) * DHQK, " or NC*DHQK = ", NC * DHQK, "), got ", c_rows,
+              "parallel_fw_hintra: matC_all.size(2) must be a multiple of DHQK = ", num(DHQK),
+              " holding at least NC = ", num(NC), " state slots (expected (NC+1)*DHQK = ",
+              num((NC + 1) * DHQK), " or NC*DHQK = ", num(NC * DHQK), "), got ", num(c_rows),
               (c_rows < NC * DHQK ? " (too few state slots)" : ""));
   check_dim(vecN_all, "vecN_all", 0, B, "B");
   check_dim(vecN_all, "vecN_all", 1, NH, "NH");
   const int64_t n_rows = vecN_all.size(2);
   TORCH_CHECK(n_rows >= NC * DHQK && (DHQK == 0 || n_rows % DHQK == 0),
-              "parallel_fw_hintra: vecN_all.size(2) must be a multiple of DHQK = ", DHQK,
-              " holding at least NC = ", NC, " state slots (expected (NC+1)*DHQK = ",
-              (NC + 1) * DHQK, " or NC*DHQK = ", NC * DHQK, "), got ", n_rows,
+              "parallel_fw_hintra: vecN_all.size(2) must be a multiple of DHQK = ", num(DHQK),
+              " holding at least NC = ", num(NC), " state slots (expected (NC+1)*DHQK = ",
+              num((NC + 1) * DHQK), " or NC*DHQK = ", num(NC * DHQK), "), got ", num(n_rows),
               (n_rows < NC * DHQK ? " (too few state slots)" : ""));
   check_dim(scaM_all, "scaM_all", 0, B, "B");
   check_dim(scaM_all, "scaM_all", 1, NH, "NH");
   TORCH_CHECK(scaM_all.size(2) >= NC, "parallel_fw_hintra: scaM_all.size(2) must hold at least NC = ",
-              NC, " state slots (expected NC+1 = ", NC + 1, " or NC = ", NC, "), got ",
-              scaM_all.size(2), " (too few state slots)");
+              num(NC), " state slots (expected NC+1 = ", num(NC + 1), " or NC = ", num(NC),
+              "), got ", num(scaM_all.size(2)), " (too few state slots)");
 
   // Scalars and launch hints. The hints are advisory here: any positive value is accepted
   // (more permissive than the reference's Triton asserts, which tie them to chunk_size).
   a.qk_scale = qk_scale.has_value() ? *qk_scale : (DHQK > 0 ? 1.0 / std::sqrt((double)DHQK) : 1.0);
   TORCH_CHECK(std::isfinite(a.qk_scale), "parallel_fw_hintra: qk_scale must be finite, got ",
-              a.qk_scale);
+              num(a.qk_scale));
   TORCH_CHECK(std::isfinite(eps) && eps >= 0.0,
-              "parallel_fw_hintra: eps must be finite and >= 0, got ", eps);
+              "parallel_fw_hintra: eps must be finite and >= 0, got ", num(eps));
   a.eps = eps;
   check_positive_hint(siz_b_LQ, "siz_b_LQ");
   check_positive_hint(siz_b_LKV, "siz_b_LKV");

@@ -7,6 +7,7 @@
 
 #include "cuda/hintra_kernel.cuh"
 #include "cuda/hintra_launch.h"
+#include "hintra.h"
 
 namespace mlstm::cuda {
 
@@ -16,11 +17,12 @@ void launch_hintra(const HintraParams& p, int64_t num_bh, cudaStream_t stream) {
   int dev = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK(lay.bytes <= max_smem, "parallel_fw_hintra: DHQK = ", p.DHQK, " with chunk_size = ",
-              p.L, " needs ", lay.bytes, " bytes of shared memory per block in the CUDA kernel, "
-              "more than this GPU allows (", max_smem, "); use a smaller DHQK or chunk_size, or CPU tensors");
+  TORCH_CHECK(lay.bytes <= max_smem, "parallel_fw_hintra: DHQK = ", num(p.DHQK),
+              " with chunk_size = ", num(p.L), " needs ", num(lay.bytes),
+              " bytes of shared memory per block in the CUDA kernel, more than this GPU allows (",
+              num(max_smem), "); use a smaller DHQK or chunk_size, or CPU tensors");
   const int64_t blocks = num_bh * p.NC * p.n_qt * p.n_dvt;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "parallel_fw_hintra: ", blocks,
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "parallel_fw_hintra: ", num(blocks),
               " thread blocks exceed the CUDA grid limit; split the batch");
   if (blocks == 0) return;
   auto kernel = hintra_kernel<Tr>;
