@@ -64,20 +64,10 @@ def median_ms(fn, budget_s, min_reps=3, max_reps=50):
     return statistics.median(times), len(times)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     args = parse_args(argv)
     import torch
+    from mlstm_ext.__main__ import _cpu_name
 
     import mlstm_ext
     from mlstm_ext.__main__ import make_inputs, rel_norm_err
@@ -139,7 +129,7 @@ def main(argv=None):
         "# mlstm_ext CPU benchmark",
         "",
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores (torch default {default_threads} "
+        f"- machine: {_cpu_name()}, {os.cpu_count()} cores (torch default {default_threads} "
         f"threads), {platform.system()} {platform.machine()}; load average before the run "
         f"{load_before}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",

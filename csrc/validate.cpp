@@ -48,6 +48,16 @@ void check_float(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// matC_all / vecN_all: dim 2 holds DHQK rows per state slot, at least NC slots.
+void check_state_rows(const at::Tensor& t, const char* name, int64_t DHQK, int64_t NC) {
+  const int64_t rows = t.size(2);
+  TORCH_CHECK(rows >= NC * DHQK && (DHQK == 0 || rows % DHQK == 0), "parallel_fw_hintra: ", name,
+              ".size(2) must be a multiple of DHQK = ", num(DHQK), " holding at least NC = ",
+              num(NC), " state slots (expected (NC+1)*DHQK = ", num((NC + 1) * DHQK),
+              " or NC*DHQK = ", num(NC * DHQK), "), got ", num(rows),
+              (rows < NC * DHQK ? " (too few state slots)" : ""));
+}
+
 void check_positive_hint(std::optional<int64_t> v, const char* name) {
   TORCH_CHECK(!v.has_value() || *v > 0, "parallel_fw_hintra: launch hint ", name,
               " must be positive when given, got ", num(v.value_or(0)));
@@ -137,20 +147,10 @@ HintraArgs check_hintra_args(
   check_dim(matC_all, "matC_all", 0, B, "B");
   check_dim(matC_all, "matC_all", 1, NH, "NH");
   check_dim(matC_all, "matC_all", 3, DHHV, "DHHV (matV.size(3))");
-  const int64_t c_rows = matC_all.size(2);
-  TORCH_CHECK(c_rows >= NC * DHQK && (DHQK == 0 || c_rows % DHQK == 0),
-              "parallel_fw_hintra: matC_all.size(2) must be a multiple of DHQK = ", num(DHQK),
-              " holding at least NC = ", num(NC), " state slots (expected (NC+1)*DHQK = ",
-              num((NC + 1) * DHQK), " or NC*DHQK = ", num(NC * DHQK), "), got ", num(c_rows),
-              (c_rows < NC * DHQK ? " (too few state slots)" : ""));
+  check_state_rows(matC_all, "matC_all", DHQK, NC);
   check_dim(vecN_all, "vecN_all", 0, B, "B");
   check_dim(vecN_all, "vecN_all", 1, NH, "NH");
-  const int64_t n_rows = vecN_all.size(2);
-  TORCH_CHECK(n_rows >= NC * DHQK && (DHQK == 0 || n_rows % DHQK == 0),
-              "parallel_fw_hintra: vecN_all.size(2) must be a multiple of DHQK = ", num(DHQK),
-              " holding at least NC = ", num(NC), " state slots (expected (NC+1)*DHQK = ",
-              num((NC + 1) * DHQK), " or NC*DHQK = ", num(NC * DHQK), "), got ", num(n_rows),
-              (n_rows < NC * DHQK ? " (too few state slots)" : ""));
+  check_state_rows(vecN_all, "vecN_all", DHQK, NC);
   check_dim(scaM_all, "scaM_all", 0, B, "B");
   check_dim(scaM_all, "scaM_all", 1, NH, "NH");
   TORCH_CHECK(scaM_all.size(2) >= NC, "parallel_fw_hintra: scaM_all.size(2) must hold at least NC = ",

@@ -218,3 +218,15 @@ def test_wrappers(make, device):
     for fn in (mlstm_ext.parallel_fw_hintra, mlstm_ext.mlstm_chunkwise__parallel_fw_Hintra):
         for a, b in zip(expected, fn(*inp.args(), chunk_size=inp.L)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("case", GRID[:8], ids=shape_id)
+def test_cpu_portable_path(make, device, monkeypatch, case, dtype):
+    """The CPU kernel's SSE2/NEON build (the AVX2 one runs by default here) computes the same."""
+    if device != "cpu":
+        pytest.skip("CPU code path")
+    B, NH, S, DHQK, DHHV, L = case
+    inp = make(B=B, NH=NH, S=S, DHQK=DHQK, DHHV=DHHV, L=L, dtype=dtype)
+    monkeypatch.setenv("MLSTM_EXT_CPU_PORTABLE", "1")
+    check_vs_reference(inp, device)
