@@ -28,8 +28,9 @@ def _find_cuda_home():
 
 
 # Must be set before torch.utils.cpp_extension reads it at import.
-if _find_cuda_home():
-    os.environ["CUDA_HOME"] = _find_cuda_home()
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402

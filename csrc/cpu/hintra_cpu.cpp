@@ -37,6 +37,7 @@ constexpr int kMRPortable = 2;
 constexpr int kMRPortable = 6;  // e.g. aarch64: 32 vector registers
 #endif
 #define MLSTM_INLINE inline __attribute__((always_inline))
+#define MLSTM_LAMBDA_INLINE __attribute__((always_inline))
 // The vf8 helpers are always inlined, so the AVX-vs-SSE argument ABI GCC warns about never applies.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -103,24 +104,20 @@ MLSTM_INLINE void tile(const float* A1, const float* B1, int64_t k1, const float
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = V{};
-  for (int64_t p = 0; p < k1; ++p) {
-    V b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = loadv<V>(B1 + p * kNR + j * W);
+  // acc += A[:, 0:k] B[0:k, 0:16] for one (A, B) pair; B rows are ldb apart.
+  auto accumulate = [&](const float* A, const float* B, int64_t k, int64_t ldb) MLSTM_LAMBDA_INLINE {
+    for (int64_t p = 0; p < k; ++p) {
+      V b[NV];
+      for (int j = 0; j < NV; ++j) b[j] = loadv<V>(B + p * ldb + j * W);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const float a = A1[i * lda + p];
-      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+      for (int i = 0; i < MR; ++i) {
+        const float a = A[i * lda + p];
+        for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+      }
     }
-  }
-  for (int64_t p = 0; p < k2; ++p) {
-    V b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = loadv<V>(B2 + p * ldb2 + j * W);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const float a = A2[i * lda + p];
-      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
-    }
-  }
+  };
+  accumulate(A1, B1, k1, kNR);
+  accumulate(A2, B2, k2, ldb2);
   for (int i = 0; i < MR; ++i) {
     const float sc = rscale ? rscale[i] : 1.f;
     for (int j = 0; j < NV; ++j) {

@@ -61,7 +61,6 @@ struct HintraTraits {
   static constexpr int kBKK = kIsFloat ? 32 : 64;     // DHQK columns per staged K chunk
   static constexpr int kBKC = 32;                     // DHQK rows per staged C chunk
   static constexpr int kKStep = kIsFloat ? 8 : 16;    // k of one mma
-  static constexpr int kVec = 16 / sizeof(T);         // elements per 16-byte copy
   static constexpr int kMinBlocks = kIsFloat ? MLSTM_EXT_MINB_F32 : MLSTM_EXT_MINB_16;
   // Row strides (elements) padded so the fragment loads below hit 32 distinct banks.
   static constexpr int kSK = kBKK + 8;                // ldmatrix rows: odd multiple of 16 bytes
