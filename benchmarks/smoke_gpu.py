@@ -2,21 +2,17 @@
 Dev tool for one device call; the full benchmark is bench_gpu.py."""
 import sys, time, torch
 import mlstm_ext
-from mlstm_ext.reference import parallel_fw_hintra_reference as ref, recurrent_fw_states as rec
+from mlstm_ext.reference import parallel_fw_hintra_reference as ref
 
-try:
-    from mlstm_kernels.torch.chunkwise.triton_xl_chunk.fw_parallel import mlstm_chunkwise__parallel_fw_Hintra as triton_hintra
-except Exception as e:  # noqa
-    print("triton peer not importable:", e); triton_hintra = None
+from mlstm_ext.__main__ import load_triton_hintra, make_inputs
+
+triton_hintra, why = load_triton_hintra()
+if triton_hintra is None:
+    print("triton peer not importable:", why)
 
 dev = "cuda"
 def make(B, NH, S, DQ, DV, L, dt, seed):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, device=dev, generator=g)
-    q, k, v = r(B, NH, S, DQ).to(dt), r(B, NH, S, DQ).to(dt), r(B, NH, S, DV).to(dt)
-    i, f = r(B, NH, S), 3 + r(B, NH, S)
-    C, n, m = rec(k, v, i, f, chunk_size=L, compute_dtype=torch.float32)
-    return q, k, v, i, f, C, n, m
+    return make_inputs(B, NH, S, DQ, DV, L, dt, dev, torch.Generator(device=dev).manual_seed(seed))
 
 fails = 0
 print(torch.cuda.get_device_name(), torch.__version__)
