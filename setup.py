@@ -66,6 +66,8 @@ if WITH_CUDA:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     define_macros.append(("MLSTM_EXT_WITH_CUDA", None))
+    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"]:
+        define_macros.append(("MLSTM_EXT_SM90A", None))  # the Hopper kernel has machine code
     extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                      "-Xptxas=-warn-spills"]
     Ext = CUDAExtension

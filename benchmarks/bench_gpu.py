@@ -520,6 +520,16 @@ def main(argv=None):
             t_ours = rec["ours"]["ms"]
             print(f"  ours          {t_ours:9.3f} ms", flush=True)
 
+            # -- ours with the sm_80 kernel, where the Hopper kernel is the one dispatched to
+            if (dt != torch.float32 and torch.ops.mlstm._built_with_sm90a()
+                    and torch.cuda.get_device_capability() == (9, 0)):
+                os.environ["MLSTM_EXT_SM90"] = "0"
+                try:
+                    rec["ours_sm80"] = cuda_time(ours, sets)
+                finally:
+                    del os.environ["MLSTM_EXT_SM90"]
+                print(f"  ours, sm_80 kernel {rec['ours_sm80']['ms']:9.3f} ms", flush=True)
+
             # -- Triton default
             td = rec.get("triton_default")
             if td is not None and "error" not in td:
@@ -698,10 +708,10 @@ def derived(rec, copy_bw):
 
 def timing_table(rows, copy_bw):
     lines = [
-        "| shape (B, NH, S, DHQK, DHHV, L) | dtype | ours ms | Triton best ms (config) | "
-        "Triton default ms | eager ms | compile ms | TFLOP/s | GB/s | % copy BW | floor ms | "
-        "vs Triton best | ours / floor |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| shape (B, NH, S, DHQK, DHHV, L) | dtype | ours ms | ours, sm_80 kernel ms | "
+        "Triton best ms (config) | Triton default ms | eager ms | compile ms | TFLOP/s | GB/s | "
+        "% copy BW | floor ms | vs Triton best | ours / floor |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         d = derived(r, copy_bw)
@@ -720,7 +730,7 @@ def timing_table(rows, copy_bw):
                     f"{d['floor_ms']:.3f} | {sp} | {d['ours_over_floor']:.2f} |")
         else:
             tail = "- | - | - | - | - | - |"
-        lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {ours_s} | {tb_s} | "
+        lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {ours_s} | {_ms(r.get('ours_sm80'))} | {tb_s} | "
                      f"{_ms(r.get('triton_default'))} | {_ms(r.get('eager'))} | {comp_s} | {tail}")
     return lines
 

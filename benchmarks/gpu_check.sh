@@ -11,6 +11,7 @@
 #   STAGES   stages to run, in this order (default "build test sanitize main bench"):
 #            build    pip install --no-build-isolation --no-deps -e . (MAX_JOBS=16, MLSTM_EXT_CUDA=1),
 #                     log in $OUT/build.log, ptxas resource usage in $OUT/ptxas_resource_usage.txt
+#            smoke    benchmarks/smoke_gpu.py: accuracy of both 16-bit kernels + quick timings
 #            test     pytest -q -x tests/test_cuda_op.py, then the rest of tests/ ($PYTEST_ARGS added)
 #            sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_case.py
 #            main     python3 -m mlstm_ext
@@ -166,6 +167,12 @@ PYEOF
     "$PY" -c "import mlstm_ext; print('library', mlstm_ext.library_path(), '| CUDA kernels:', mlstm_ext.has_cuda_kernels()); assert mlstm_ext.has_cuda_kernels(), 'built without CUDA kernels'"
 }
 want build && run_stage build do_build
+
+# ------------------------------------------------------------------ smoke
+do_smoke() {
+    "$PY" benchmarks/smoke_gpu.py 2>&1 | tee "$OUT/smoke.log"
+}
+want smoke && run_stage smoke do_smoke
 
 # ------------------------------------------------------------------ tests
 pytest_rc_ok() {  # pytest exit 5 = no tests collected: not a failure here

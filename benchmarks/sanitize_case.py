@@ -27,8 +27,11 @@ CASES = {
     "bf16": ((2, 2, 256, 64, 64, 64), torch.bfloat16, 1e-2),
     # odd head dims (not multiples of 8/16), a short chunk, S = 6 chunks
     "odd_fp32": ((1, 2, 96, 50, 70, 16), torch.float32, 2e-5),
-    # large heads, L = 128 (the kernel's multi-tile paths)
+    # large heads, L = 128 (the sm_80 kernel's multi-tile paths; on Hopper too, by the dispatch rule)
     "big_bf16": ((1, 1, 256, 256, 512, 128), torch.bfloat16, 1e-2),
+    # Hopper kernel: two row tiles and two key blocks (L = 128), a partial DHHV tile; odd dims
+    "l128_fp16": ((1, 2, 256, 128, 200, 128), torch.float16, 2e-3),
+    "odd_bf16": ((1, 2, 96, 50, 70, 16), torch.bfloat16, 1e-2),
 }
 
 

@@ -1,6 +1,7 @@
-"""Quick GPU smoke: accuracy of the op (and Triton's, when importable) vs float64, and timings.
-Dev tool for one device call; the full benchmark is bench_gpu.py."""
-import sys, time, torch
+"""Quick GPU smoke: accuracy of the op (and Triton's, when importable) vs float64, and timings,
+for both CUDA kernels of 16-bit inputs (Hopper wgmma kernel and the sm_80 one, picked with
+MLSTM_EXT_SM90). Dev tool for one device call; the full benchmark is bench_gpu.py."""
+import os, sys, time, torch
 import mlstm_ext
 from mlstm_ext.reference import parallel_fw_hintra_reference as ref
 
@@ -18,7 +19,8 @@ fails = 0
 print(torch.cuda.get_device_name(), torch.__version__)
 for (B, NH, S, DQ, DV, L) in [(2, 3, 256, 64, 64, 64), (1, 2, 512, 128, 128, 128), (1, 2, 256, 48, 80, 16), (1, 1, 96, 50, 70, 32),
                               (1, 2, 512, 256, 512, 128), (2, 2, 256, 128, 128, 256), (1, 1, 64, 3, 5, 64), (1, 2, 192, 100, 96, 24)]:
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for dt, kern in [(torch.float32, "1"), (torch.bfloat16, "1"), (torch.bfloat16, "0"), (torch.float16, "1"), (torch.float16, "0")]:
+        os.environ["MLSTM_EXT_SM90"] = kern
         x = make(B, NH, S, DQ, DV, L, dt, seed=B * S + DQ + DV + L)
         Hr, Nr, Mr = ref(*x, chunk_size=L, compute_dtype=torch.float64)
         H, N, M = torch.ops.mlstm.parallel_fw_hintra(*x, chunk_size=L)
@@ -36,7 +38,7 @@ for (B, NH, S, DQ, DV, L) in [(2, 3, 256, 64, 64, 64), (1, 2, 512, 128, 128, 128
                 et = f" triton {((Ht.double() - Hr).norm() / Hr.norm()).item():.2e}"
             except Exception as ex:  # noqa
                 et = f" triton err {type(ex).__name__}"
-        print(f"{'OK ' if ok else 'BAD'} {dt} {(B, NH, S, DQ, DV, L)} H {e:.2e} N {en:.2e} M {em:.2e}{et}")
+        print(f"{'OK ' if ok else 'BAD'} sm90={kern} {dt} {(B, NH, S, DQ, DV, L)} H {e:.2e} N {en:.2e} M {em:.2e}{et}")
 
 def bench(fn, n=20):
     for _ in range(3): fn()
@@ -50,13 +52,18 @@ def bench(fn, n=20):
 x = torch.empty(2 * 1024**3 // 4, device=dev); y = torch.empty_like(x)
 tc = bench(lambda: y.copy_(x)); bw = 2 * x.numel() * 4 / (tc * 1e-3) / 1e9
 print(f"copy bandwidth {bw:.0f} GB/s"); del x, y
-print("| shape | dtype | ours ms | triton default ms | ratio | floor ms |")
+os.environ["MLSTM_EXT_SM90"] = "1"
+print("| shape | dtype | ours ms | DHHV tile 64 ms | sm80 kernel ms | triton default ms | triton/ours | ours/floor |")
 for (B, NH, S, DQ, DV, L) in [(8, 16, 4096, 128, 128, 64), (8, 16, 4096, 128, 128, 128), (1, 8, 16384, 256, 512, 128), (4, 8, 8192, 256, 512, 64)]:
-    for dt in (torch.bfloat16, torch.float32):
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
         if dt == torch.float32 and DQ > 128: continue
         sets = [make(B, NH, S, DQ, DV, L, dt, seed=s) for s in range(2)]
         it = iter(range(10**9))
         ours = bench(lambda: torch.ops.mlstm.parallel_fw_hintra(*sets[next(it) % 2], chunk_size=L))
+        dv64 = bench(lambda: torch.ops.mlstm.parallel_fw_hintra(*sets[next(it) % 2], chunk_size=L, siz_b_DHHV=64))
+        os.environ["MLSTM_EXT_SM90"] = "0"
+        old = bench(lambda: torch.ops.mlstm.parallel_fw_hintra(*sets[next(it) % 2], chunk_size=L))
+        os.environ["MLSTM_EXT_SM90"] = "1"
         tri = float("nan")
         if triton_hintra is not None:
             try:
@@ -65,6 +72,7 @@ for (B, NH, S, DQ, DV, L) in [(8, 16, 4096, 128, 128, 64), (8, 16, 4096, 128, 12
                 print("triton failed", ex)
         NC = S // L; es = torch.finfo(dt).bits // 8
         byts = B * NH * (S * (2 * DQ + 2 * DV) * es + NC * DQ * DV * 4 + NC * DQ * 4 + S * 4 * 4)
-        print(f"| {(B, NH, S, DQ, DV, L)} | {dt} | {ours:.3f} | {tri:.3f} | {tri / ours:.2f} | {byts / bw / 1e6:.3f} |")
+        fl = byts / bw / 1e6
+        print(f"| {(B, NH, S, DQ, DV, L)} | {dt} | {ours:.3f} | {dv64:.3f} | {old:.3f} | {tri:.3f} | {tri / ours:.2f} | {ours / fl:.2f} |")
         del sets
 sys.exit(1 if fails else 0)

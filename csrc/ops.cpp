@@ -43,6 +43,15 @@ bool built_with_cuda() {
 #endif
 }
 
+// Whether the library carries the Hopper (sm_90a) kernel, for tests and the benchmark.
+bool built_with_sm90a() {
+#ifdef MLSTM_EXT_SM90A
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mlstm, m) {
@@ -55,6 +64,7 @@ TORCH_LIBRARY(mlstm, m) {
       "int? siz_b_DHHV=None, int? num_warps=None, int? num_stages=None, float eps=1e-6, "
       "ScalarType? output_dtype=None) -> (Tensor matH, Tensor vecN, Tensor vecM)");
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
+  m.def("_built_with_sm90a() -> bool", &built_with_sm90a);
 }
 
 TORCH_LIBRARY_IMPL(mlstm, CPU, m) {

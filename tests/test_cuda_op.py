@@ -42,6 +42,32 @@ def test_chunk_sizes(make, device, L, dtype):
     check_vs_reference(make(B=2, NH=2, S=4 * L, L=L, DHQK=64, DHHV=128, dtype=dtype), device)
 
 
+def _hopper_kernel_used():
+    return (torch.ops.mlstm._built_with_sm90a() and torch.cuda.get_device_capability() == (9, 0))
+
+
+# Shapes for the two 16-bit kernels: tile edges (L < 64, L = 128 with two row tiles, DHHV not a
+# multiple of the tile, DHQK not a multiple of 16 or 32) and the standard one.
+KERNEL_SHAPES = [(2, 3, 256, 64, 64, 64), (1, 2, 512, 128, 128, 128), (1, 2, 96, 48, 80, 16),
+                 (1, 1, 96, 50, 70, 32), (1, 2, 256, 128, 200, 64), (1, 1, 64, 3, 5, 64)]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+def test_both_16bit_kernels(make, monkeypatch, shape, dtype):
+    """The Hopper (wgmma) kernel and the sm_80 kernel each match the float64 reference; on an
+    H100/H200 with sm_90a code built they are different code (different rounding), so the
+    outputs differ in low bits: proof that the switch picked each."""
+    B, NH, S, DHQK, DHHV, L = shape
+    inp = make(B=B, NH=NH, S=S, L=L, DHQK=DHQK, DHHV=DHHV, dtype=dtype)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MLSTM_EXT_SM90", flag)
+        outs[flag] = check_vs_reference(inp, "cuda")
+    if _hopper_kernel_used() and DHQK >= 8:
+        assert not torch.equal(outs["1"][0], outs["0"][0]), "both runs took the same kernel"
+
+
 def test_transposed_layout_strides(make, device):
     """q/k/v viewed from a (B, S, NH, D) buffer, as a model's projections give them."""
     inp = make(B=2, NH=4, S=256, L=64, DHQK=64, DHHV=96, dtype=BF16)

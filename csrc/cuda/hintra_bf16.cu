@@ -8,4 +8,11 @@ void launch_hintra_bf16(const HintraParams& p, int bdv, int64_t num_bh, cudaStre
   launch_hintra<HintraTraits<__nv_bfloat16, 128>>(p, num_bh, stream);
 }
 
+void launch_hintra_sm90_bf16(const HintraParams& p, int bdv, int64_t num_bh, cudaStream_t stream) {
+  if (bdv == 64) return launch_hintra_sm90<Sm90Traits<__nv_bfloat16, 64>>(p, num_bh, stream);
+  launch_hintra_sm90<Sm90Traits<__nv_bfloat16, 128>>(p, num_bh, stream);
+}
+
+int sm90_smem_bytes(int bdv, int DHQK, int L) { return sm90_smem(bdv, DHQK, L); }
+
 }  // namespace mlstm::cuda

@@ -1,6 +1,10 @@
 // CUDA backend entry: device guard, current stream, input preparation, tile choice, launch.
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/hintra_launch.h"
 #include "hintra.h"
@@ -20,6 +24,31 @@ bool rows_aligned16(const at::Tensor& t, int64_t row_dim) {
   for (int64_t d = 0; d <= row_dim; ++d)
     if (t.size(d) > 1 && (t.stride(d) * es) % 16 != 0) return false;
   return true;
+}
+
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
+// The Hopper kernel serves 16-bit inputs on compute capability 9.0 when the library carries
+// sm_90a code and three of its blocks fit on a multiprocessor (with two it measured no faster
+// than the sm_80 kernel: benchmarks/NOTES.md). MLSTM_EXT_SM90=0 turns it off (A/B runs, tests).
+bool use_sm90(const at::Tensor& q, int bdv, int64_t DHQK, int64_t L) {
+#ifdef MLSTM_EXT_SM90A
+  if (q.scalar_type() == at::kFloat || env_is("MLSTM_EXT_SM90", "0")) return false;
+  int dev = 0, major = 0, minor = 0, sm_smem = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  if (major != 9 || minor != 0 || DHQK > 4096 || L > (1 << 20)) return false;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  const int per_block = cuda::sm90_smem_bytes(bdv, static_cast<int>(DHQK), static_cast<int>(L));
+  return 3 * (per_block + 1024) <= sm_smem;  // 1 KB per block is reserved by the driver
+#else
+  (void)q, (void)bdv, (void)DHQK, (void)L;
+  return false;
+#endif
 }
 
 }  // namespace
@@ -73,21 +102,28 @@ void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Te
   p.v_vec = rows_aligned16(v, 2);
   p.c_vec = rows_aligned16(C, 2);
 
-  // Tiles: one warp per 16 query rows, up to 4 warps; DHHV tiles of 128 columns (64 for small
-  // DHHV; float32 inputs use the tile their kernel was built with). For 16-bit inputs
-  // siz_b_DHHV may ask for 64 or 128.
-  p.rows_per_block = static_cast<int>(std::min<int64_t>(64, (a.L + 15) / 16 * 16));
-  p.n_qt = static_cast<int>((a.L + p.rows_per_block - 1) / p.rows_per_block);
+  // Tiles: one warp per 16 query rows, up to 4 warps (the Hopper kernel: always 64 rows, one
+  // warpgroup); DHHV tiles of 128 columns (64 for small DHHV; float32 inputs use the tile their
+  // kernel was built with). For 16-bit inputs siz_b_DHHV may ask for 64 or 128.
   const bool is_f32 = a.matQ.scalar_type() == at::kFloat;
   int bdv = is_f32 ? cuda::fp32_dv_tile() : (a.DHHV <= 64 ? 64 : 128);
   if (!is_f32 && a.siz_b_DHHV.has_value() && (*a.siz_b_DHHV == 64 || *a.siz_b_DHHV == 128))
     bdv = static_cast<int>(*a.siz_b_DHHV);
   p.n_dvt = static_cast<int>(std::max<int64_t>(1, (a.DHHV + bdv - 1) / bdv));
+  const bool sm90 = use_sm90(a.matQ, bdv, a.DHQK, a.L);
+  p.rows_per_block = sm90 ? 64 : static_cast<int>(std::min<int64_t>(64, (a.L + 15) / 16 * 16));
+  p.n_qt = static_cast<int>((a.L + p.rows_per_block - 1) / p.rows_per_block);
 
   const int64_t num_bh = a.B * a.NH;
   switch (a.matQ.scalar_type()) {
-    case at::kBFloat16: cuda::launch_hintra_bf16(p, bdv, num_bh, stream); break;
-    case at::kHalf: cuda::launch_hintra_fp16(p, bdv, num_bh, stream); break;
+    case at::kBFloat16:
+      if (sm90) cuda::launch_hintra_sm90_bf16(p, bdv, num_bh, stream);
+      else cuda::launch_hintra_bf16(p, bdv, num_bh, stream);
+      break;
+    case at::kHalf:
+      if (sm90) cuda::launch_hintra_sm90_fp16(p, bdv, num_bh, stream);
+      else cuda::launch_hintra_fp16(p, bdv, num_bh, stream);
+      break;
     case at::kFloat: cuda::launch_hintra_fp32(p, bdv, num_bh, stream); break;
     default: TORCH_CHECK(false, "parallel_fw_hintra: unsupported dtype ", a.matQ.scalar_type());
   }

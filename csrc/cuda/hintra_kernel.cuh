@@ -11,36 +11,9 @@
 
 #include <cuda_runtime.h>
 
-#include "cuda/hintra_traits.cuh"
-#include "cuda/mma.cuh"
+#include "cuda/hintra_common.cuh"
 
 namespace mlstm::cuda {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kMinimumMaxVal = -10.0f;  // SPEC.md step 3
-
-// Stage a rows x cols tile (cols a multiple of 16 bytes) into shared memory, zero outside
-// rows_valid x cols_valid. Aligned full 16-byte pieces go through cp.async; the rest element-wise.
-template <typename T>
-__device__ __forceinline__ void load_tile(T* s, int s_stride, const T* g, int64_t g_stride,
-                                          int rows, int cols, int rows_valid, int cols_valid,
-                                          bool vec) {
-  constexpr int E = 16 / sizeof(T);
-  const int pieces = cols / E;
-  for (int idx = threadIdx.x; idx < rows * pieces; idx += blockDim.x) {
-    const int r = idx / pieces, c = (idx % pieces) * E;
-    T* dst = s + r * s_stride + c;
-    const T* src = g + r * g_stride + c;
-    if (r >= rows_valid || c >= cols_valid) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    } else if (vec && c + E <= cols_valid) {
-      cp_async_16(dst, src, 16);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) dst[e] = (c + e < cols_valid) ? src[e] : from_float<T>(0.f);
-    }
-  }
-}
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(const HintraParams p) {
@@ -89,65 +62,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(co
   load_tile<T>(sQ, lay.sq, gQ, p.q_ss, Tr::kBLQ, DQKp, rows_valid, p.DHQK, p.q_vec);
   cp_async_commit();
 
-  // ---- Steps 1-4: cumulative log forget gate, prefix max, combined max (float32). ----
-  // All threads fetch the gates at once (one memory round trip), then warp 0 scans in shared.
-  const float m_prev = p.m[b * p.m_sb + h * p.m_sh + chunk * p.m_ss];
-  {
-    const float* gi = p.igate + b * p.i_sb + h * p.i_sh + s0 * p.i_ss;
-    const float* gf = p.fgate + b * p.f_sb + h * p.f_sh + s0 * p.f_ss;
-    for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
-      const float f = gf[s * p.f_ss];
-      sBG[s] = fminf(f, 0.f) - log1pf(expf(-fabsf(f)));  // logsigmoid, scanned below
-      sColB[s] = gi[s * p.i_ss];
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-    float carry = 0.f, carry_max = -INFINITY;
-    for (int base = 0; base < row_end; base += 32) {
-      const int s = base + lane;
-      const float lf = s < row_end ? sBG[s] : 0.f;
-      const float iv = s < row_end ? sColB[s] : 0.f;
-      float x = lf;  // inclusive warp scan
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const float y = __shfl_up_sync(0xffffffffu, x, off);
-        if (lane >= off) x += y;
-      }
-      const float bg = x + carry;
-      carry = __shfl_sync(0xffffffffu, bg, 31);
-      const float bcol = s < row_end ? iv - bg : -INFINITY;
-      float pm = bcol;
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const float y = __shfl_up_sync(0xffffffffu, pm, off);
-        if (lane >= off) pm = fmaxf(pm, y);
-      }
-      pm = fmaxf(pm, carry_max);
-      carry_max = __shfl_sync(0xffffffffu, pm, 31);
-      if (s < row_end) {
-        sBG[s] = bg;
-        sColB[s] = bcol * kLog2e;
-        sPM[s] = pm;
-      }
-    }
-  }
-  __syncthreads();
-  for (int r = threadIdx.x; r < Tr::kBLQ; r += blockDim.x) {
-    const int t = row0 + r;
-    float ra = 0.f, gg = 0.f, mm = 0.f;
-    if (t < row_end) {
-      const float bg = sBG[t];
-      const float m_intra = fmaxf(kMinimumMaxVal, bg + sPM[t]);
-      mm = fmaxf(bg + m_prev, m_intra);
-      ra = (bg - mm) * kLog2e;
-      gg = p.qk_scale * expf(bg + m_prev - mm);
-    }
-    sRowA[r] = ra;
-    sG[r] = gg;
-    sM[r] = mm;
-  }
-  __syncthreads();
+  stage_gates<Tr::kBLQ>(p, b, h, chunk, row0, row_end, sBG, sColB, sPM, sRowA, sG, sM);
 
   const int wr = warp * 16;  // warp's first row in the tile
   const bool warp_active = wr < rows_valid;
@@ -378,42 +293,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(co
     qn0 += __shfl_xor_sync(0xffffffffu, qn0, off);
     qn1 += __shfl_xor_sync(0xffffffffu, qn1, off);
   }
-  const float m0 = sM[wr + g], m1 = sM[wr + g + 8];
-  const float den0 = fmaxf(fabsf(rowsum0 + g0 * qn0), expf(-m0));
-  const float den1 = fmaxf(fabsf(rowsum1 + g1 * qn1), expf(-m1));
-  const float inv0 = 1.f / (den0 + p.eps), inv1 = 1.f / (den1 + p.eps);
-  const int64_t pos0 = bh * p.S + s0 + t0, pos1 = pos0 + 8;  // row index into (B*NH*S)
-  const bool ok0 = t0 < row_end, ok1 = t1 < row_end;
-  T* H = static_cast<T*>(p.H);
-  const bool pairs = (p.DHHV % 2) == 0;  // a column pair is then in range as a whole, aligned
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int col = dv0 + nt * 8 + 2 * tq;
-    if (col >= p.DHHV) continue;
-    if (pairs) {
-      if constexpr (Tr::kIsFloat) {
-        if (ok0) *reinterpret_cast<float2*>(H + pos0 * p.DHHV + col) = make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
-        if (ok1) *reinterpret_cast<float2*>(H + pos1 * p.DHHV + col) = make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
-      } else {
-        if (ok0) *reinterpret_cast<uint32_t*>(H + pos0 * p.DHHV + col) = pack2<T>(acc[nt][0] * inv0, acc[nt][1] * inv0);
-        if (ok1) *reinterpret_cast<uint32_t*>(H + pos1 * p.DHHV + col) = pack2<T>(acc[nt][2] * inv1, acc[nt][3] * inv1);
-      }
-    } else {
-      const bool two = col + 1 < p.DHHV;
-      if (ok0) {
-        H[pos0 * p.DHHV + col] = from_float<T>(acc[nt][0] * inv0);
-        if (two) H[pos0 * p.DHHV + col + 1] = from_float<T>(acc[nt][1] * inv0);
-      }
-      if (ok1) {
-        H[pos1 * p.DHHV + col] = from_float<T>(acc[nt][2] * inv1);
-        if (two) H[pos1 * p.DHHV + col + 1] = from_float<T>(acc[nt][3] * inv1);
-      }
-    }
-  }
-  if (dvt == 0 && tq == 0) {
-    if (ok0) p.vecN[pos0] = den0, p.vecM[pos0] = m0;
-    if (ok1) p.vecN[pos1] = den1, p.vecM[pos1] = m1;
-  }
+  const int64_t pos0 = bh * p.S + s0 + t0;  // row index into (B*NH*S)
+  store_outputs<T, NT>(p, &acc[0][0], rowsum0 + g0 * qn0, rowsum1 + g1 * qn1, sM[wr + g],
+                       sM[wr + g + 8], pos0, t0 < row_end, t1 < row_end, dv0, dvt == 0);
 }
 
 }  // namespace mlstm::cuda

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include "cuda/hintra_kernel.cuh"
+#include "cuda/hintra_sm90.cuh"
 #include "cuda/hintra_launch.h"
 #include "hintra.h"
 
@@ -29,6 +30,25 @@ void launch_hintra(const HintraParams& p, int64_t num_bh, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.bytes));
   kernel<<<static_cast<unsigned>(blocks), 2 * p.rows_per_block, lay.bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class Tr>
+void launch_hintra_sm90(const HintraParams& p, int64_t num_bh, cudaStream_t stream) {
+  const Sm90Layout lay = make_sm90_layout<Tr>(p.DHQK, p.L);
+  const int64_t blocks = num_bh * p.NC * p.n_qt * p.n_dvt;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "parallel_fw_hintra: ", num(blocks),
+              " thread blocks exceed the CUDA grid limit; split the batch");
+  if (blocks == 0) return;
+  auto kernel = hintra_sm90_kernel<Tr>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.bytes));
+  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, lay.bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Shared memory of the sm_90a kernel (the same for both 16-bit dtypes).
+inline int sm90_smem(int bdv, int DHQK, int L) {
+  return bdv == 64 ? make_sm90_layout<Sm90Traits<__nv_bfloat16, 64>>(DHQK, L).bytes
+                   : make_sm90_layout<Sm90Traits<__nv_bfloat16, 128>>(DHQK, L).bytes;
 }
 
 }  // namespace mlstm::cuda

@@ -13,4 +13,10 @@ void launch_hintra_fp16(const HintraParams& p, int bdv, int64_t num_bh, cudaStre
 void launch_hintra_fp32(const HintraParams& p, int bdv, int64_t num_bh, cudaStream_t stream);
 int fp32_dv_tile();  // the DHHV tile the float32 kernel was built with
 
+// Hopper kernel for 16-bit inputs (hintra_sm90.cuh), built only with sm_90a code in the library
+// (MLSTM_EXT_SM90A). sm90_smem_bytes: its shared memory per block, to check before choosing it.
+void launch_hintra_sm90_bf16(const HintraParams& p, int bdv, int64_t num_bh, cudaStream_t stream);
+void launch_hintra_sm90_fp16(const HintraParams& p, int bdv, int64_t num_bh, cudaStream_t stream);
+int sm90_smem_bytes(int bdv, int DHQK, int L);
+
 }  // namespace mlstm::cuda

@@ -1,0 +1,430 @@
+// The H-step kernel for 16-bit inputs on Hopper (sm_90a). Same tiles and arithmetic as
+// hintra_kernel.cuh (one block per (batch*head, chunk, 64 query rows, BDV columns of DHHV), gates
+// and stabiliser from stage_gates, one float accumulator), but the three products are warpgroup
+// MMAs (wgmma) issued once for the whole 64-row tile instead of per warp and per 8 columns:
+//
+//   Q C   : C arrives as float32 and is split in shared memory into C_hi + C_lo, both bf16, so
+//           Q C_hi + Q C_lo keeps 16 bits of C's mantissa (tf32 keeps 10). float16 Q is split the
+//           same way (exactly: 11 bits fit in hi + lo) and Q_lo C_hi is added. The n state rides
+//           along as column BDV of the same product, so q . n costs nothing extra.
+//   Q K^T : 16-bit operands as they come; P V with P rounded to the input dtype (as in v4).
+//
+// A (Q, P) is passed in registers from ldmatrix / the score accumulators; B (C halves, K, V)
+// is read by the tensor cores from shared memory in the no-swizzle core-matrix layout (wgmma.cuh).
+#pragma once
+
+#include "cuda/hintra_common.cuh"
+#include "cuda/wgmma.cuh"
+
+// Depth of the float32 C landing ring (16 rows of C per stage) and blocks per SM for the
+// register budget; see benchmarks/NOTES.md.
+#ifndef MLSTM_EXT_SM90_STAGES
+#define MLSTM_EXT_SM90_STAGES 4
+#endif
+#ifndef MLSTM_EXT_SM90_MINB
+#define MLSTM_EXT_SM90_MINB 3
+#endif
+
+namespace mlstm::cuda {
+
+template <typename T_, int BDV>
+struct Sm90Traits {
+  using T = T_;
+  static constexpr bool kF16 = std::is_same_v<T, __half>;
+  static constexpr int kThreads = 128;  // one warpgroup
+  static constexpr int kRows = 64;      // query rows per block = wgmma M
+  static constexpr int kKeys = 64;      // keys per causal block = N of Q K^T
+  static constexpr int kBDV = BDV;      // DHHV columns per block
+  static constexpr int kNW = BDV + 8;   // columns of the Q C product: C, then n, then 7 zeros
+  static constexpr int kCRows = 16;     // C rows per stage = one wgmma k step
+  static constexpr int kStages = MLSTM_EXT_SM90_STAGES;
+  static constexpr int kMinBlocks = MLSTM_EXT_SM90_MINB;
+  static constexpr int kCPieces = kCRows * BDV / 4;  // float4 pieces of one C stage
+  static_assert(kCPieces % kThreads == 0, "C stage must split evenly over the threads");
+};
+
+struct Sm90Layout {
+  int dqk_pad;     // DHQK rounded up to two wgmma k steps (32)
+  int q_off;       // Q tile, core-matrix layout (K-major)
+  int land_off;    // C landing ring (phase 1) ...
+  int kt_off;      // ... shared with the K and V tiles (phase 2) and the H tile (epilogue)
+  int vt_off;
+  int hl_off;      // C_hi / C_lo of two stages
+  int gate_off, row_off, bytes;
+  int land_row;    // bytes of one landing row: BDV floats + 16 (keeps row-wise reads conflict-free)
+  int land_stage;  // bytes of one landing stage: kCRows rows, then kCRows floats of n
+  int hl_half;     // bytes of one of C_hi / C_lo of one stage
+  int h_row;       // bytes of one row of the staged H tile
+};
+
+// K and V reuse the landing ring once phase 1 is done with it (giving them their own region, to
+// copy them early, costs a resident block per SM and measured slower: benchmarks/NOTES.md).
+template <class Tr>
+__host__ __device__ inline Sm90Layout make_sm90_layout(int DHQK, int L) {
+  Sm90Layout s;
+  s.dqk_pad = round_up(DHQK, 32);  // even number of 16-wide k steps and 16-byte chunks
+  int off = 0;
+  s.q_off = off;
+  off += round_up(Tr::kRows * s.dqk_pad * 2, 128);
+  s.land_off = off;
+  s.land_row = Tr::kBDV * 4 + 16;
+  s.land_stage = Tr::kCRows * s.land_row + Tr::kCRows * 4;
+  const int land = Tr::kStages * s.land_stage;
+  const int kv = Tr::kKeys * s.dqk_pad * 2 + Tr::kKeys * Tr::kBDV * 2;
+  s.h_row = (Tr::kBDV + 8) * 2;
+  const int ht = Tr::kRows * s.h_row + 2 * Tr::kRows * 4;  // H tile + vecN, vecM (epilogue)
+  int stream = land > ht ? land : ht;
+  stream = stream > kv ? stream : kv;
+  s.kt_off = off;
+  s.vt_off = s.kt_off + Tr::kKeys * s.dqk_pad * 2;
+  s.hl_off = off + round_up(stream, 128);
+  s.hl_half = Tr::kCRows * Tr::kNW * 2;
+  off = s.hl_off + 4 * s.hl_half;
+  s.gate_off = off;
+  off += 3 * round_up(L, Tr::kKeys) * 4;
+  s.row_off = off;
+  off += 3 * Tr::kRows * 4;
+  s.bytes = off;
+  return s;
+}
+
+// Byte offset of element (r, c) of a tile with `chunks` 16-byte chunks per row in the core-matrix
+// layout: 8 rows x 16 bytes contiguous, the chunks of one 8-row group side by side.
+__device__ __forceinline__ int core_off(int r, int c_chunk, int chunks) {
+  return ((r >> 3) * chunks + c_chunk) * 128 + (r & 7) * 16;
+}
+
+// 64 rows x cols (16-bit) tile from global memory into the core-matrix layout, zero outside
+// rows_valid x cols_valid. Thread idx takes chunk pair bit idx & 1 and row bits (idx >> 1) & 7, so
+// an 8-thread phase of 16-byte copies reads 4 rows x 32 bytes (whole sectors) and writes 4 core
+// rows in two core matrices (a 2-way bank conflict at most).
+template <typename T>
+__device__ __forceinline__ void load_core_tile(unsigned char* s, const T* g, int64_t g_stride,
+                                               int cols, int rows_valid, int cols_valid, bool vec) {
+  const int chunks = cols / 8;  // a multiple of 2
+  for (int idx = threadIdx.x; idx < 64 * chunks; idx += blockDim.x) {
+    const int c = (idx & 1) + 2 * ((idx >> 4) % (chunks / 2));
+    const int r = ((idx >> 1) & 7) + 8 * ((idx >> 4) / (chunks / 2));
+    T* dst = reinterpret_cast<T*>(s + core_off(r, c, chunks));
+    const T* src = g + r * g_stride + c * 8;
+    if (r >= rows_valid || c * 8 >= cols_valid) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    } else if (vec && c * 8 + 8 <= cols_valid) {
+      cp_async_16(dst, src, 16);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = (c * 8 + e < cols_valid) ? src[e] : from_float<T>(0.f);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// x = hi + lo with hi = bf16(x), lo = bf16(x - hi), for a pair of floats.
+__device__ __forceinline__ void split_bf16(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hf = __bfloat1622float2(h);
+  hi = bf16x2_bits(h);
+  lo = bf16x2_bits(__floats2bfloat162_rn(x - hf.x, y - hf.y));
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
+    hintra_sm90_kernel(const HintraParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  constexpr int BDV = Tr::kBDV, NW = Tr::kNW, NT = BDV / 8;
+  constexpr int kPiecesPerThread = Tr::kCPieces / Tr::kThreads;
+  extern __shared__ __align__(128) unsigned char smem_sm90[];
+  unsigned char* smem = smem_sm90;
+  const Sm90Layout lay = make_sm90_layout<Tr>(p.DHQK, p.L);
+  const int gate_len = round_up(p.L, Tr::kKeys);
+  float* sBG = reinterpret_cast<float*>(smem + lay.gate_off);
+  float* sColB = sBG + gate_len;
+  float* sPM = sColB + gate_len;
+  float* sRowA = reinterpret_cast<float*>(smem + lay.row_off);
+  float* sG = sRowA + Tr::kRows;
+  float* sM = sG + Tr::kRows;
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, tq = lane % 4;
+
+  // blockIdx.x = ((bh * NC + chunk) * n_qt + qt) * n_dvt + dvt, as in hintra_kernel.
+  int64_t blk = blockIdx.x;
+  const int dvt = blk % p.n_dvt;
+  blk /= p.n_dvt;
+  const int qt = blk % p.n_qt;
+  blk /= p.n_qt;
+  const int chunk = blk % p.NC;
+  const int64_t bh = blk / p.NC;
+  const int64_t b = bh / p.NH, h = bh % p.NH;
+  const int row0 = qt * Tr::kRows;
+  const int rows_valid = min(Tr::kRows, p.L - row0);
+  const int row_end = row0 + rows_valid;
+  const int dv0 = dvt * BDV;
+  const int dv_valid = p.DHHV - dv0;
+  const int64_t s0 = (int64_t)chunk * p.L;
+  const int DQKp = lay.dqk_pad;
+  const int wr = warp * 16;
+  // Q tile -> shared memory, core-matrix layout: A of Q K^T from shared memory, ldmatrix for Q C.
+  const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + (s0 + row0) * p.q_ss;
+  load_core_tile<T>(smem + lay.q_off, gQ, p.q_ss, DQKp, rows_valid, p.DHQK, p.q_vec);
+  cp_async_commit();
+  const int q_chunks = DQKp / 8;
+  // This lane's ldmatrix row address for the A fragment of k step ks (16 rows of its warp).
+  auto q_frag_addr = [&](int ks) {
+    return smem + lay.q_off + core_off(wr + (lane & 15), 2 * ks + (lane >> 4), q_chunks);
+  };
+
+  unsigned char* sKt = smem + lay.kt_off;
+  unsigned char* sVt = smem + lay.vt_off;
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + s0 * p.k_ss;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + s0 * p.v_ss + dv0;
+  auto load_kv = [&](int kb0) {  // the caller commits
+    const int keys_valid = min(Tr::kKeys, row_end - kb0);
+    load_core_tile<T>(sKt, gK + kb0 * p.k_ss, p.k_ss, DQKp, keys_valid, p.DHQK, p.k_vec);
+    load_core_tile<T>(sVt, gV + kb0 * p.v_ss, p.v_ss, BDV, keys_valid, dv_valid, p.v_vec);
+  };
+  // ---- Phase 1: acc = Q [C_k | n_k], 16 rows of C per stage through a ring of landing slots.
+  // Copies run along rows (whole 128-byte lines per 8 threads); the split into C_hi / C_lo
+  // reads the landing slot across threads, so a stage is split one barrier after it landed.
+  const float* gC = p.C + b * p.C_sb + h * p.C_sh + (int64_t)chunk * p.DHQK * p.C_sr + dv0;
+  const float* gN = p.n + b * p.n_sb + h * p.n_sh + (int64_t)chunk * p.DHQK * p.n_sr;
+  const int n_kc = DQKp / Tr::kCRows;
+  auto issue_c = [&](int kc) {
+    unsigned char* land = smem + lay.land_off + (kc % Tr::kStages) * lay.land_stage;
+    const int d0 = kc * Tr::kCRows;
+#pragma unroll
+    for (int j = 0; j < kPiecesPerThread; ++j) {
+      const int pidx = threadIdx.x + j * Tr::kThreads;
+      const int r = pidx / (BDV / 4), col = 4 * (pidx % (BDV / 4));
+      const int d = d0 + r;
+      float* dst = reinterpret_cast<float*>(land + r * lay.land_row + col * 4);
+      const float* src = gC + (int64_t)d * p.C_sr + col;
+      if (d >= p.DHQK || col >= dv_valid) {
+        *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
+      } else if (p.c_vec && col + 4 <= dv_valid) {
+        cp_async_16(dst, src, 16);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dst[e] = col + e < dv_valid ? src[e] : 0.f;
+      }
+    }
+    if (threadIdx.x < Tr::kCRows) {
+      const int d = d0 + threadIdx.x;
+      cp_async_4(land + Tr::kCRows * lay.land_row + threadIdx.x * 4,
+                 gN + (int64_t)min(d, p.DHQK - 1) * p.n_sr, d < p.DHQK ? 4 : 0);
+    }
+  };
+  // Split stage kc into C_hi / C_lo (buffer kc & 1), MN-major core layout. Thread q takes row
+  // bits q & 7 so that both the landing reads and the C_hi / C_lo writes are conflict-free.
+  auto split_c = [&](int kc) {
+    const unsigned char* land = smem + lay.land_off + (kc % Tr::kStages) * lay.land_stage;
+    unsigned char* hi = smem + lay.hl_off + (kc & 1) * 2 * lay.hl_half;
+    unsigned char* lo = hi + lay.hl_half;
+#pragma unroll
+    for (int j = 0; j < kPiecesPerThread; ++j) {
+      const int q = threadIdx.x + j * Tr::kThreads;
+      const int r = (q & 7) + 8 * (q / (8 * (BDV / 4))), c4 = (q >> 3) % (BDV / 4);
+      const float4 x = *reinterpret_cast<const float4*>(land + r * lay.land_row + c4 * 16);
+      uint2 vh, vl;
+      split_bf16(x.x, x.y, vh.x, vl.x);
+      split_bf16(x.z, x.w, vh.y, vl.y);
+      const int off = core_off(r, c4 >> 1, NW / 8) + (c4 & 1) * 8;
+      *reinterpret_cast<uint2*>(hi + off) = vh;
+      *reinterpret_cast<uint2*>(lo + off) = vl;
+    }
+    if (threadIdx.x < Tr::kCRows) {  // n as column BDV, columns BDV+1.. zero
+      const float nv = reinterpret_cast<const float*>(land + Tr::kCRows * lay.land_row)[threadIdx.x];
+      uint32_t nh, nl;
+      split_bf16(nv, 0.f, nh, nl);
+      const int off = core_off(threadIdx.x, NT, NW / 8);
+      *reinterpret_cast<uint4*>(hi + off) = make_uint4(nh, 0, 0, 0);
+      *reinterpret_cast<uint4*>(lo + off) = make_uint4(nl, 0, 0, 0);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < Tr::kStages; ++s) {
+    if (s < n_kc) issue_c(s);
+    cp_async_commit();
+  }
+
+  stage_gates<Tr::kRows>(p, b, h, chunk, row0, row_end, sBG, sColB, sPM, sRowA, sG, sM);
+
+  float acc[NW / 2];
+#pragma unroll
+  for (int i = 0; i < NW / 2; ++i) acc[i] = 0.f;
+  uint32_t qa[4], qlo[4];  // A fragments of the stage in flight (kept until its wgmma is done)
+#pragma unroll
+  for (int i = 0; i < 4; ++i) qa[i] = qlo[i] = 0u;
+  constexpr uint32_t kHlLbo = (NW / 8) * 128;  // next 8 rows of C (k direction)
+  cp_async_wait<Tr::kStages - 1>();             // Q and stage 0
+  __syncthreads();
+  for (int kc = 0; kc < n_kc; ++kc) {
+    split_c(kc);
+    sm90::fence_proxy_async();
+    sm90::wgmma_wait<0>();  // stage kc-1's products are done with buffer (kc+1) & 1 and qa
+    sm90::fence_regs(acc);
+    sm90::fence_regs(qa);
+    sm90::fence_regs(qlo);
+    cp_async_wait<Tr::kStages - 2>();  // this thread's copies of stage kc+1
+    __syncthreads();  // C_hi/lo of kc complete, landing slot kc free, stage kc+1 visible
+    ldmatrix_x4(qa, q_frag_addr(kc));
+    if constexpr (Tr::kF16) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&qa[i]));
+        split_bf16(f.x, f.y, qa[i], qlo[i]);
+      }
+    }
+    const unsigned char* hi = smem + lay.hl_off + (kc & 1) * 2 * lay.hl_half;
+    sm90::wgmma_fence();
+    sm90::Wgmma<NW, false, 1>::run(acc, qa, sm90::make_desc(hi, kHlLbo, 128));
+    sm90::Wgmma<NW, false, 1>::run(acc, qa, sm90::make_desc(hi + lay.hl_half, kHlLbo, 128));
+    if constexpr (Tr::kF16) sm90::Wgmma<NW, false, 1>::run(acc, qlo, sm90::make_desc(hi, kHlLbo, 128));
+    sm90::wgmma_commit();
+    if (kc + Tr::kStages < n_kc) issue_c(kc + Tr::kStages);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+
+  // ---- Phase 2, intra-chunk term over the causal key blocks. ----
+  // K and V go to the landing ring, free now (every thread split its pieces before the last
+  // barrier); C_hi/lo, still read by the last products, do not overlap them.
+  load_kv(0);
+  cp_async_commit();
+
+  sm90::wgmma_wait<0>();
+  sm90::fence_regs(acc);
+  sm90::fence_regs(qa);
+  sm90::fence_regs(qlo);
+  {
+    const float g0 = sG[wr + g], g1 = sG[wr + g + 8];
+#pragma unroll
+    for (int j = 0; j < NW / 8; ++j) {
+      acc[4 * j] *= g0, acc[4 * j + 1] *= g0, acc[4 * j + 2] *= g1, acc[4 * j + 3] *= g1;
+    }
+  }
+
+  float rowsum0 = 0.f, rowsum1 = 0.f;
+  const int t0 = row0 + wr + g, t1 = t0 + 8;  // this lane's two query rows (in-chunk)
+  const float ra0 = sRowA[wr + g], ra1 = sRowA[wr + g + 8];
+  const int n_kb = (row_end + Tr::kKeys - 1) / Tr::kKeys;
+  const int n_ks = DQKp / 16;
+  const uint32_t kQSbo = q_chunks * 128;  // next 8 rows of Q / keys of K (same width)
+  constexpr uint32_t kVLbo = (BDV / 8) * 128;
+  float(&acc_v)[BDV / 2] = reinterpret_cast<float(&)[BDV / 2]>(acc);
+  for (int j = 0; j < n_kb; ++j) {
+    const int kb0 = j * Tr::kKeys;
+    if (j > 0) {
+      __syncthreads();  // every warp's products of key block j-1 are done (waited below)
+      load_kv(kb0);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+    sm90::fence_proxy_async();
+    __syncthreads();
+
+    // S = Q K^T for 64 keys: both operands in shared memory, all k steps in one group.
+    float sacc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
+    sm90::wgmma_fence();
+#pragma unroll 1
+    for (int ks = 0; ks < n_ks; ++ks)
+      sm90::WgmmaSS<64, Tr::kF16>::run(sacc, sm90::make_desc(smem + lay.q_off + ks * 256, 128, kQSbo),
+                                       sm90::make_desc(sKt + ks * 256, 128, kQSbo));
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(sacc);
+
+    // Step 5: w = qk_scale * (q.k) * exp(D - m), causal; row sums before any rounding.
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int s = kb0 + nt * 8 + 2 * tq;
+      const float cb0 = sColB[s], cb1 = sColB[s + 1];
+      float* x = sacc + 4 * nt;
+      x[0] = (s <= t0 && t0 < row_end) ? p.qk_scale * x[0] * fast_exp2(ra0 + cb0) : 0.f;
+      x[1] = (s + 1 <= t0 && t0 < row_end) ? p.qk_scale * x[1] * fast_exp2(ra0 + cb1) : 0.f;
+      x[2] = (s <= t1 && t1 < row_end) ? p.qk_scale * x[2] * fast_exp2(ra1 + cb0) : 0.f;
+      x[3] = (s + 1 <= t1 && t1 < row_end) ? p.qk_scale * x[3] * fast_exp2(ra1 + cb1) : 0.f;
+      rowsum0 += x[0] + x[1];
+      rowsum1 += x[2] + x[3];
+    }
+    // acc += W V: the score accumulators of keys 16kt..16kt+15 are an A fragment as they stand
+    // (all four k steps, also past the diagonal, where W is zero).
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) {
+      const float* x = sacc + 8 * kt;
+      pa[kt][0] = pack2<T>(x[0], x[1]);
+      pa[kt][1] = pack2<T>(x[2], x[3]);
+      pa[kt][2] = pack2<T>(x[4], x[5]);
+      pa[kt][3] = pack2<T>(x[6], x[7]);
+    }
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt)
+      sm90::Wgmma<BDV, Tr::kF16, 1>::run(acc_v, pa[kt], sm90::make_desc(sVt + kt * 2 * kVLbo, kVLbo, 128));
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(acc);
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) sm90::fence_regs(pa[kt]);
+  }
+
+  // ---- Steps 6-7. q . n is column BDV of the Q C product (already times g). H goes through
+  // shared memory so that global stores are whole 16-byte pieces of rows; vecN / vecM too.
+  float qn0 = acc[4 * NT] + acc[4 * NT + 1], qn1 = acc[4 * NT + 2] + acc[4 * NT + 3];
+#pragma unroll
+  for (int off = 1; off < 4; off *= 2) {
+    rowsum0 += __shfl_xor_sync(0xffffffffu, rowsum0, off);
+    rowsum1 += __shfl_xor_sync(0xffffffffu, rowsum1, off);
+    qn0 += __shfl_xor_sync(0xffffffffu, qn0, off);
+    qn1 += __shfl_xor_sync(0xffffffffu, qn1, off);
+  }
+  const float m0 = sM[wr + g], m1 = sM[wr + g + 8];
+  const float den0 = fmaxf(fabsf(rowsum0 + qn0), expf(-m0));
+  const float den1 = fmaxf(fabsf(rowsum1 + qn1), expf(-m1));
+  const float inv0 = 1.f / (den0 + p.eps), inv1 = 1.f / (den1 + p.eps);
+  unsigned char* sH = smem + lay.land_off;  // the landing ring / K / V region, done with
+  float* sDen = reinterpret_cast<float*>(sH + Tr::kRows * lay.h_row);
+  __syncthreads();  // every warp is done with K and V
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float* a = acc + 4 * nt;
+    const int col = nt * 8 + 2 * tq;
+    *reinterpret_cast<uint32_t*>(sH + (wr + g) * lay.h_row + col * 2) = pack2<T>(a[0] * inv0, a[1] * inv0);
+    *reinterpret_cast<uint32_t*>(sH + (wr + g + 8) * lay.h_row + col * 2) = pack2<T>(a[2] * inv1, a[3] * inv1);
+  }
+  if (tq == 0) {
+    sDen[wr + g] = den0, sDen[wr + g + 8] = den1;
+    sDen[Tr::kRows + wr + g] = m0, sDen[Tr::kRows + wr + g + 8] = m1;
+  }
+  __syncthreads();
+  T* H = static_cast<T*>(p.H) + (bh * p.S + s0 + row0) * p.DHHV + dv0;
+  const bool h_vec = (p.DHHV % 8) == 0;  // rows then start on 16 bytes (H is ours, contiguous)
+  for (int idx = threadIdx.x; idx < Tr::kRows * (BDV / 8); idx += Tr::kThreads) {
+    const int r = idx / (BDV / 8), c = (idx % (BDV / 8)) * 8;
+    if (r >= rows_valid || c >= dv_valid) continue;
+    const T* src = reinterpret_cast<const T*>(sH + r * lay.h_row) + c;
+    T* dst = H + (int64_t)r * p.DHHV + c;
+    if (h_vec && c + 8 <= dv_valid) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < 8 && c + e < dv_valid; ++e) dst[e] = src[e];
+    }
+  }
+  if (dvt == 0 && threadIdx.x < 2 * Tr::kRows) {
+    const int r = threadIdx.x % Tr::kRows;
+    if (r < rows_valid) {
+      float* out = threadIdx.x < Tr::kRows ? p.vecN : p.vecM;
+      out[bh * p.S + s0 + row0 + r] = sDen[threadIdx.x];
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+}  // namespace mlstm::cuda
