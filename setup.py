@@ -61,9 +61,10 @@ define_macros = []
 extra = {"cxx": cxx_flags}
 
 if WITH_CUDA:
-    # Portable sm_80 code plus Hopper's own (sm_90a), and PTX for newer GPUs to JIT from.
-    # Set here so the build never depends on which GPU (if any) this machine has.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    # Portable sm_80 code plus Hopper's own (sm_90a), and compute_80 PTX for newer GPUs to JIT
+    # (compute_90a PTX would not do: no later GPU can compile Hopper-only instructions); they run
+    # the sm_80 kernel. Set here so the build never depends on which GPU this machine has.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     define_macros.append(("MLSTM_EXT_WITH_CUDA", None))
     if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"]:

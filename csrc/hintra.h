@@ -13,7 +13,7 @@
 
 namespace mlstm {
 
-// Sizes use SPEC.md's names. vecI is already viewed as (B, NH, S).
+// Sizes use SPEC.md's names. vecI is already viewed as (B, NH, S); gates and states are float32.
 struct HintraArgs {
   at::Tensor matQ, matK, matV;  // (B, NH, S, DHQK), (B, NH, S, DHQK), (B, NH, S, DHHV)
   at::Tensor vecI, vecF;        // (B, NH, S)

@@ -176,11 +176,12 @@ HintraArgs check_hintra_args(
   a.matQ = matQ;
   a.matK = matK;
   a.matV = matV;
-  a.vecI = vecI.dim() == 4 ? vecI.reshape({B, NH, S}) : vecI;
-  a.vecF = vecF;
-  a.matC_all = matC_all;
-  a.vecN_all = vecN_all;
-  a.scaM_all = scaM_all;
+  // Every kernel reads gates and states as float32: a copy only when they come in another dtype.
+  a.vecI = (vecI.dim() == 4 ? vecI.reshape({B, NH, S}) : vecI).to(at::kFloat);
+  a.vecF = vecF.to(at::kFloat);
+  a.matC_all = matC_all.to(at::kFloat);
+  a.vecN_all = vecN_all.to(at::kFloat);
+  a.scaM_all = scaM_all.to(at::kFloat);
   return a;
 }
 

@@ -285,13 +285,10 @@ template <typename scalar_t, typename out_t>
 void hintra_cpu_typed(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Tensor& vecM) {
   const int64_t NH = a.NH, L = a.L, NC = a.NC, DHQK = a.DHQK, DHHV = a.DHHV;
   const int64_t Lc = (L + kNR - 1) / kNR * kNR, DVp = (DHHV + kNR - 1) / kNR * kNR;
-  // Gates and states in float32 once (no copy when they already are float32; strides kept).
-  const at::Tensor vecI = a.vecI.to(at::kFloat), vecF = a.vecF.to(at::kFloat);
-  const at::Tensor C_all = a.matC_all.to(at::kFloat);
-  const at::Tensor n_all = a.vecN_all.to(at::kFloat);
-  const at::Tensor m_all = a.scaM_all.to(at::kFloat);
-  const auto Ia = vecI.accessor<float, 3>(), Fa = vecF.accessor<float, 3>();
-  const auto Ma = m_all.accessor<float, 3>();
+  // Gates and states are float32 (check_hintra_args), in the caller's strides.
+  const at::Tensor &C_all = a.matC_all, &n_all = a.vecN_all;
+  const auto Ia = a.vecI.accessor<float, 3>(), Fa = a.vecF.accessor<float, 3>();
+  const auto Ma = a.scaM_all.accessor<float, 3>();
   const float* C_ptr = C_all.data_ptr<float>();
   const float* n_ptr = n_all.data_ptr<float>();
   scalar_t* H_ptr = matH.data_ptr<scalar_t>();  // contiguous (B, NH, S, DHHV)

@@ -35,6 +35,26 @@ __device__ __forceinline__ void load_tile(T* s, int s_stride, const T* g, int64_
   }
 }
 
+// The tile of one block: blockIdx.x = ((bh * NC + chunk) * n_qt + qt) * n_dvt + dvt, so the
+// blocks that share a chunk's Q, K and C run side by side and re-read them from L2.
+struct TileIndex {
+  int dvt, qt, chunk;
+  int64_t bh, b, h;
+};
+__device__ __forceinline__ TileIndex tile_index(const HintraParams& p) {
+  TileIndex t;
+  int64_t blk = blockIdx.x;
+  t.dvt = blk % p.n_dvt;
+  blk /= p.n_dvt;
+  t.qt = blk % p.n_qt;
+  blk /= p.n_qt;
+  t.chunk = blk % p.NC;
+  t.bh = blk / p.NC;
+  t.b = t.bh / p.NH;
+  t.h = t.bh % p.NH;
+  return t;
+}
+
 // Steps 1-4 for query rows row0..row0+kRows-1 of one chunk, into shared memory:
 // sBG = bg (cumulative log forget gate), sColB = log2e * (i - bg), sPM = prefix max of (i - bg),
 // and per query row sRowA = log2e * (bg - m), sG = qk_scale * exp(bg + m_prev - m), sM = m.

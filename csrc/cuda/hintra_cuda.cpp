@@ -59,10 +59,9 @@ void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Te
 
   const at::Tensor q = unit_last_stride(a.matQ), k = unit_last_stride(a.matK),
                    v = unit_last_stride(a.matV);
-  // Gates and states are float32 in the kernel (a copy only when they come in another dtype).
-  const at::Tensor vi = a.vecI.to(at::kFloat), vf = a.vecF.to(at::kFloat);
-  const at::Tensor C = unit_last_stride(a.matC_all.to(at::kFloat));
-  const at::Tensor n = a.vecN_all.to(at::kFloat), m = a.scaM_all.to(at::kFloat);
+  // Gates and states are float32 already (check_hintra_args).
+  const at::Tensor &vi = a.vecI, &vf = a.vecF, &n = a.vecN_all, &m = a.scaM_all;
+  const at::Tensor C = unit_last_stride(a.matC_all);
   const bool f32_out = a.output_dtype == at::kFloat;
   at::Tensor N32 = f32_out ? vecN : at::empty(vecN.sizes(), vecN.options().dtype(at::kFloat));
   at::Tensor M32 = f32_out ? vecM : at::empty(vecM.sizes(), vecM.options().dtype(at::kFloat));

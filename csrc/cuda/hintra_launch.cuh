@@ -12,6 +12,19 @@
 
 namespace mlstm::cuda {
 
+// One block per (batch*head, chunk, row tile, DHHV tile), on the caller's stream.
+template <class Kernel>
+void launch_grid(Kernel kernel, const HintraParams& p, int64_t num_bh, int threads, int smem,
+                 cudaStream_t stream) {
+  const int64_t blocks = num_bh * p.NC * p.n_qt * p.n_dvt;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "parallel_fw_hintra: ", num(blocks),
+              " thread blocks exceed the CUDA grid limit; split the batch");
+  if (blocks == 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <class Tr>
 void launch_hintra(const HintraParams& p, int64_t num_bh, cudaStream_t stream) {
   const SmemLayout lay = make_smem_layout<Tr>(p.DHQK, p.L);
@@ -22,27 +35,13 @@ void launch_hintra(const HintraParams& p, int64_t num_bh, cudaStream_t stream) {
               " with chunk_size = ", num(p.L), " needs ", num(lay.bytes),
               " bytes of shared memory per block in the CUDA kernel, more than this GPU allows (",
               num(max_smem), "); use a smaller DHQK or chunk_size, or CPU tensors");
-  const int64_t blocks = num_bh * p.NC * p.n_qt * p.n_dvt;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "parallel_fw_hintra: ", num(blocks),
-              " thread blocks exceed the CUDA grid limit; split the batch");
-  if (blocks == 0) return;
-  auto kernel = hintra_kernel<Tr>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.bytes));
-  kernel<<<static_cast<unsigned>(blocks), 2 * p.rows_per_block, lay.bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_grid(hintra_kernel<Tr>, p, num_bh, 2 * p.rows_per_block, lay.bytes, stream);
 }
 
 template <class Tr>
 void launch_hintra_sm90(const HintraParams& p, int64_t num_bh, cudaStream_t stream) {
-  const Sm90Layout lay = make_sm90_layout<Tr>(p.DHQK, p.L);
-  const int64_t blocks = num_bh * p.NC * p.n_qt * p.n_dvt;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "parallel_fw_hintra: ", num(blocks),
-              " thread blocks exceed the CUDA grid limit; split the batch");
-  if (blocks == 0) return;
-  auto kernel = hintra_sm90_kernel<Tr>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.bytes));
-  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, lay.bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_grid(hintra_sm90_kernel<Tr>, p, num_bh, Tr::kThreads,
+              make_sm90_layout<Tr>(p.DHQK, p.L).bytes, stream);
 }
 
 // Shared memory of the sm_90a kernel (the same for both 16-bit dtypes).

@@ -151,15 +151,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, tq = lane % 4;
 
-  // blockIdx.x = ((bh * NC + chunk) * n_qt + qt) * n_dvt + dvt, as in hintra_kernel.
-  int64_t blk = blockIdx.x;
-  const int dvt = blk % p.n_dvt;
-  blk /= p.n_dvt;
-  const int qt = blk % p.n_qt;
-  blk /= p.n_qt;
-  const int chunk = blk % p.NC;
-  const int64_t bh = blk / p.NC;
-  const int64_t b = bh / p.NH, h = bh % p.NH;
+  const TileIndex tile = tile_index(p);
+  const int dvt = tile.dvt, qt = tile.qt, chunk = tile.chunk;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h;
   const int row0 = qt * Tr::kRows;
   const int rows_valid = min(Tr::kRows, p.L - row0);
   const int row_end = row0 + rows_valid;
