@@ -7,10 +7,11 @@
 //           Q C_hi + Q C_lo keeps 16 bits of C's mantissa (tf32 keeps 10). float16 Q is split the
 //           same way (exactly: 11 bits fit in hi + lo) and Q_lo C_hi is added. The n state rides
 //           along as column BDV of the same product, so q . n costs nothing extra.
-//   Q K^T : 16-bit operands as they come; P V with P rounded to the input dtype (as in v4).
+//   Q K^T : 16-bit operands as they come, both read from shared memory.
+//   P V   : P (the weights, rounded to the input dtype as in the sm_80 kernel) from registers.
 //
-// A (Q, P) is passed in registers from ldmatrix / the score accumulators; B (C halves, K, V)
-// is read by the tensor cores from shared memory in the no-swizzle core-matrix layout (wgmma.cuh).
+// Q's A fragments for Q C come from ldmatrix; every shared-memory operand (Q, K, V, C halves)
+// sits in the no-swizzle core-matrix layout (wgmma.cuh).
 #pragma once
 
 #include "cuda/hintra_common.cuh"
