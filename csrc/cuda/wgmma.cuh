@@ -48,7 +48,8 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// d += A(64x16, registers) * B(16xN, shared memory via desc). TB: element type name in PTX.
+// d += A(64x16, registers) * B(16xN, shared memory via desc); kF16: float16 operands, else
+// bfloat16; kTransB: B's 8 contiguous elements run along N (1) or along K (0).
 template <int N, bool kF16, int kTransB>
 struct Wgmma;
 
