@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common.h"
+
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -13,7 +15,8 @@
 
 namespace mlstm {
 
-// Sizes use SPEC.md's names. vecI is already viewed as (B, NH, S); gates and states are float32.
+// Sizes use SPEC.md's names. vecI is already viewed as (B, NH, S); gates and states are float32
+// (float64 when matQ is float64, a CPU-only case).
 struct HintraArgs {
   at::Tensor matQ, matK, matV;  // (B, NH, S, DHQK), (B, NH, S, DHQK), (B, NH, S, DHHV)
   at::Tensor vecI, vecF;        // (B, NH, S)
@@ -30,13 +33,6 @@ struct HintraArgs {
 
 using HintraOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // matH, vecN, vecM
 
-// Numbers in error messages go through std::to_string, never through an ostream: some toolchains
-// (seen on the GPU build machine) link a private libstdc++ into the library, and formatting a
-// number with a stream made there crashes. Strings, dtypes and devices print safely.
-template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
-inline std::string num(Int v) { return std::to_string(static_cast<long long>(v)); }
-inline std::string num(double v) { return std::to_string(v); }
-std::string shape_str(const at::Tensor& t);  // "[2, 3, 64]"
 
 HintraArgs check_hintra_args(
     const at::Tensor& matQ, const at::Tensor& matK, const at::Tensor& matV,

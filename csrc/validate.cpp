@@ -17,8 +17,9 @@ std::string shape_str(const at::Tensor& t) {
 namespace {
 
 
+// float64 inputs run on the CPU only (gradcheck); the CUDA backend refuses them.
 bool is_input_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
 bool is_float_dtype(at::ScalarType t) {
@@ -98,7 +99,7 @@ HintraArgs check_hintra_args(
     check_device(t, name, matQ);
   }
   TORCH_CHECK(is_input_dtype(matQ.scalar_type()),
-              "parallel_fw_hintra: matQ must be float32, bfloat16 or float16, got ",
+              "parallel_fw_hintra: matQ must be float32, bfloat16, float16 or float64 (CPU), got ",
               matQ.scalar_type());
   TORCH_CHECK(matK.scalar_type() == matQ.scalar_type(),
               "parallel_fw_hintra: matK must have matQ's dtype (", matQ.scalar_type(), "), got ",
@@ -176,12 +177,14 @@ HintraArgs check_hintra_args(
   a.matQ = matQ;
   a.matK = matK;
   a.matV = matV;
-  // Every kernel reads gates and states as float32: a copy only when they come in another dtype.
-  a.vecI = (vecI.dim() == 4 ? vecI.reshape({B, NH, S}) : vecI).to(at::kFloat);
-  a.vecF = vecF.to(at::kFloat);
-  a.matC_all = matC_all.to(at::kFloat);
-  a.vecN_all = vecN_all.to(at::kFloat);
-  a.scaM_all = scaM_all.to(at::kFloat);
+  // Every kernel reads gates and states in the compute dtype (float32; float64 for float64
+  // inputs): a copy only when they come in another dtype.
+  const at::ScalarType compute = matQ.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  a.vecI = (vecI.dim() == 4 ? vecI.reshape({B, NH, S}) : vecI).to(compute);
+  a.vecF = vecF.to(compute);
+  a.matC_all = matC_all.to(compute);
+  a.vecN_all = vecN_all.to(compute);
+  a.scaM_all = scaM_all.to(compute);
   return a;
 }
 

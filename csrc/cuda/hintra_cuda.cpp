@@ -54,6 +54,9 @@ bool use_sm90(const at::Tensor& q, int bdv, int64_t DHQK, int64_t L) {
 }  // namespace
 
 void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Tensor& vecM) {
+  TORCH_CHECK(a.matQ.scalar_type() != at::kDouble,
+              "parallel_fw_hintra: float64 inputs run on the CPU only; got float64 matQ on ",
+              a.matQ.device());
   const c10::cuda::CUDAGuard guard(a.matQ.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 

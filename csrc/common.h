@@ -1,0 +1,19 @@
+// Helpers every translation unit of the library shares: error-message formatting.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <type_traits>
+
+namespace mlstm {
+
+// Numbers in error messages go through std::to_string, never through an ostream: some toolchains
+// (seen on the GPU build machine) link a private libstdc++ into the library, and formatting a
+// number with a stream made there crashes. Strings, dtypes and devices print safely.
+template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
+inline std::string num(Int v) { return std::to_string(static_cast<long long>(v)); }
+inline std::string num(double v) { return std::to_string(v); }
+std::string shape_str(const at::Tensor& t);  // "[2, 3, 64]"
+
+}  // namespace mlstm
