@@ -1,15 +1,64 @@
-// Operator schema and backend registration for mlstm::parallel_fw_hintra.
+// Operator schemas and their registration: one kernel per op, templated over the backend (CPU,
+// CUDA, Meta), so every device runs the same validation (validate.cpp) and allocation.
 //
 // The library links libtorch only (no Python), so it loads in a C++ process as well as through
-// torch.ops.load_library. The fake kernel for torch.compile lives in mlstm_ext/_fake.py.
+// torch.ops.load_library. Python adds fake kernels (mlstm_ext/ops.py) that run the Meta kernels
+// below for validation and give symbolic output shapes to torch.compile / torch.export.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "forward.h"
 #include "hintra.h"
+#include "states.h"
 
 namespace mlstm {
 namespace {
 
-template <void (*Backend)(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&)>
+// ---- Backends: which kernels fill the outputs. ----
+struct CpuBackend {
+  static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cpu(a, H, N, M); }
+  static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cpu(a, C, n, m); }
+};
+
+#ifdef MLSTM_EXT_WITH_CUDA
+struct CudaBackend {
+  static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cuda(a, H, N, M); }
+  static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cuda(a, C, n, m); }
+};
+#else
+struct CudaBackend {
+  [[noreturn]] static void missing() {
+    TORCH_CHECK(false,
+                "mlstm_ext was built without its CUDA kernels (no nvcc or a CPU-only torch at build "
+                "time); rebuild with a CUDA-enabled torch, or pass CPU tensors");
+  }
+  static void hintra(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) { missing(); }
+  static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) { missing(); }
+};
+#endif
+
+// Meta: validation and output shapes only (torch.compile / torch.export trace with these).
+struct MetaBackend {
+  static void hintra(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
+  static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
+};
+
+// ---- Op kernels. ----
+template <class Backend>
+HintraOutputs run_hintra(const HintraArgs& a) {
+  auto [matH, vecN, vecM] = allocate_hintra_outputs(a);
+  if (matH.numel() > 0 || vecN.numel() > 0) Backend::hintra(a, matH, vecN, vecM);
+  return {matH, vecN, vecM};
+}
+
+template <class Backend>
+StatesOutputs run_states(const StatesArgs& a) {
+  auto [matC_all, vecN_all, scaM_all] = allocate_states_outputs(a);
+  if (scaM_all.numel() > 0) Backend::states(a, matC_all, vecN_all, scaM_all);
+  return {matC_all, vecN_all, scaM_all};
+}
+
+template <class Backend>
 HintraOutputs parallel_fw_hintra(
     const at::Tensor& matQ, const at::Tensor& matK, const at::Tensor& matV,
     const at::Tensor& vecI, const at::Tensor& vecF, const at::Tensor& matC_all,
@@ -17,23 +66,59 @@ HintraOutputs parallel_fw_hintra(
     int64_t chunk_size, int64_t siz_b_LQ, int64_t siz_b_LKV, std::optional<int64_t> siz_b_DHQK,
     std::optional<int64_t> siz_b_DHHV, std::optional<int64_t> num_warps,
     std::optional<int64_t> num_stages, double eps, std::optional<at::ScalarType> output_dtype) {
-  HintraArgs a = check_hintra_args(matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all,
-                                   qk_scale, chunk_size, siz_b_LQ, siz_b_LKV, siz_b_DHQK,
-                                   siz_b_DHHV, num_warps, num_stages, eps, output_dtype);
-  auto [matH, vecN, vecM] = allocate_hintra_outputs(a);
-  if (matH.numel() > 0 || vecN.numel() > 0) {
-    Backend(a, matH, vecN, vecM);
-  }
-  return {matH, vecN, vecM};
+  const HintraArgs a = check_hintra_args(matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all,
+                                         qk_scale, chunk_size, siz_b_LQ, siz_b_LKV, siz_b_DHQK,
+                                         siz_b_DHHV, num_warps, num_stages, eps, output_dtype);
+  auto [matH, vecN, vecM] = run_hintra<Backend>(a);
+  return {matH, vecN.to(a.output_dtype), vecM.to(a.output_dtype)};
 }
 
-#ifndef MLSTM_EXT_WITH_CUDA
-void hintra_cuda_missing(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {
-  TORCH_CHECK(false,
-              "parallel_fw_hintra: mlstm_ext was built without its CUDA kernels (no nvcc or a "
-              "CPU-only torch at build time); rebuild with a CUDA-enabled torch, or pass CPU tensors");
+template <class Backend>
+StatesOutputs recurrent_fw_states(const at::Tensor& matK, const at::Tensor& matV,
+                                  const at::Tensor& vecI, const at::Tensor& vecF,
+                                  const std::optional<at::Tensor>& matC_initial,
+                                  const std::optional<at::Tensor>& vecN_initial,
+                                  const std::optional<at::Tensor>& scaM_initial, int64_t chunk_size) {
+  return run_states<Backend>(check_states_args(matK, matV, vecI, vecF, matC_initial, vecN_initial,
+                                               scaM_initial, chunk_size));
 }
-#endif
+
+template <class Backend>
+ForwardOutputs chunkwise_fw(const at::Tensor& matQ, const at::Tensor& matK, const at::Tensor& matV,
+                            const at::Tensor& vecI, const at::Tensor& vecF,
+                            const std::optional<at::Tensor>& matC_initial,
+                            const std::optional<at::Tensor>& vecN_initial,
+                            const std::optional<at::Tensor>& scaM_initial,
+                            std::optional<double> qk_scale, int64_t chunk_size, double eps) {
+  const ForwardArgs f = check_forward_args(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
+                                           scaM_initial, qk_scale, chunk_size, eps);
+  auto [matC_all, vecN_all, scaM_all] = run_states<Backend>(f.states);
+  auto [matH, vecN, vecM] = run_hintra<Backend>(hintra_args_for_forward(f, matC_all, vecN_all, scaM_all));
+  // The last slot, copied so that the (NC+1)-slot buffers are freed here.
+  const int64_t NC = f.states.NC, DHQK = f.states.DHQK;
+  return {matH, matC_all.narrow(2, NC * DHQK, DHQK).clone(), vecN_all.narrow(2, NC * DHQK, DHQK).clone(),
+          scaM_all.select(2, NC).clone(), vecN, vecM};
+}
+
+// Autograd key: ops without a backward refuse inputs that require grad (under grad mode) rather
+// than return results whose backward() silently gives None gradients.
+void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  if (at::GradMode::is_enabled()) {
+    std::string names;
+    const auto in = torch::jit::last(*stack, args.size());
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (in[i].isTensor() && in[i].toTensor().requires_grad()) {
+        names += (names.empty() ? "" : ", ") + args[i].name();
+      }
+    }
+    TORCH_CHECK(names.empty(), op.schema().name(), ": this op has no backward, but ", names,
+                " require grad. For training use mlstm_ext.mlstm_chunkwise (differentiable); "
+                "for inference call it under torch.no_grad() or pass detached tensors");
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+}
 
 bool built_with_cuda() {
 #ifdef MLSTM_EXT_WITH_CUDA
@@ -52,31 +137,48 @@ bool built_with_sm90a() {
 #endif
 }
 
+template <class Backend>
+void register_kernels(torch::Library& m) {
+  m.impl("parallel_fw_hintra", &parallel_fw_hintra<Backend>);
+  m.impl("recurrent_fw_states", &recurrent_fw_states<Backend>);
+  m.impl("chunkwise_fw", &chunkwise_fw<Backend>);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mlstm, m) {
-  // Where Python finds the fake kernel when this library is loaded on its own.
-  m.set_python_module("mlstm_ext._fake");
+  // Where Python finds the fake kernels when this library is loaded on its own.
+  m.set_python_module("mlstm_ext.ops");
+  // The H step; argument names and order follow mlstm_kernels' mlstm_chunkwise__parallel_fw_Hintra.
   m.def(
       "parallel_fw_hintra(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, "
       "Tensor matC_all, Tensor vecN_all, Tensor scaM_all, float? qk_scale=None, "
       "int chunk_size=64, int siz_b_LQ=32, int siz_b_LKV=32, int? siz_b_DHQK=None, "
       "int? siz_b_DHHV=None, int? num_warps=None, int? num_stages=None, float eps=1e-6, "
       "ScalarType? output_dtype=None) -> (Tensor matH, Tensor vecN, Tensor vecM)");
+  // The chunk-border states (NC+1 slots, slot 0 the initial state).
+  m.def(
+      "recurrent_fw_states(Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, "
+      "Tensor? matC_initial=None, Tensor? vecN_initial=None, Tensor? scaM_initial=None, "
+      "int chunk_size=64) -> (Tensor matC_all, Tensor vecN_all, Tensor scaM_all)");
+  // The whole forward: states, then the H step; the last states and the H step's vecN, vecM.
+  m.def(
+      "chunkwise_fw(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, "
+      "Tensor? matC_initial=None, Tensor? vecN_initial=None, Tensor? scaM_initial=None, "
+      "float? qk_scale=None, int chunk_size=64, float eps=1e-6) -> (Tensor matH, "
+      "Tensor matC_last, Tensor vecN_last, Tensor scaM_last, Tensor vecN, Tensor vecM)");
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("_built_with_sm90a() -> bool", &built_with_sm90a);
 }
 
-TORCH_LIBRARY_IMPL(mlstm, CPU, m) {
-  m.impl("parallel_fw_hintra", &parallel_fw_hintra<hintra_cpu>);
-}
+TORCH_LIBRARY_IMPL(mlstm, CPU, m) { register_kernels<CpuBackend>(m); }
+TORCH_LIBRARY_IMPL(mlstm, CUDA, m) { register_kernels<CudaBackend>(m); }
+TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m); }
 
-TORCH_LIBRARY_IMPL(mlstm, CUDA, m) {
-#ifdef MLSTM_EXT_WITH_CUDA
-  m.impl("parallel_fw_hintra", &parallel_fw_hintra<hintra_cuda>);
-#else
-  m.impl("parallel_fw_hintra", &parallel_fw_hintra<hintra_cuda_missing>);
-#endif
+TORCH_LIBRARY_IMPL(mlstm, Autograd, m) {
+  for (const char* op : {"parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  }
 }
 
 }  // namespace mlstm

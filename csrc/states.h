@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <tuple>
+
 #include "common.h"
 
 namespace mlstm {
@@ -23,6 +26,14 @@ struct StatesArgs {
 // Outputs, contiguous, float32 (float64 for float64 inputs):
 //   matC_all (B, NH, (NC+1)*DHQK, DHHV), vecN_all (B, NH, (NC+1)*DHQK), scaM_all (B, NH, NC+1).
 using StatesOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+StatesArgs check_states_args(const at::Tensor& matK, const at::Tensor& matV,
+                             const at::Tensor& vecI, const at::Tensor& vecF,
+                             const std::optional<at::Tensor>& matC_initial,
+                             const std::optional<at::Tensor>& vecN_initial,
+                             const std::optional<at::Tensor>& scaM_initial, int64_t chunk_size);
+
+StatesOutputs allocate_states_outputs(const StatesArgs& a);
 
 // Backends fill the outputs the op allocated (every slot, slot 0 included).
 void states_cpu(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all, at::Tensor& scaM_all);

@@ -1,10 +1,14 @@
-// The one validation routine shared by every backend (CPU, CUDA).
-// Each failure names the argument, what was expected and what came.
-#include "hintra.h"
-
+// The one validation routine of every op, shared by every backend (CPU, CUDA) and the Meta kernel
+// (torch.compile / torch.export run it on meta tensors). Each failure names the op and the
+// argument, what was expected and what came.
 #include <c10/util/irange.h>
 
+#include <cfloat>
 #include <cmath>
+
+#include "forward.h"
+#include "hintra.h"
+#include "states.h"
 
 namespace mlstm {
 
@@ -16,52 +20,159 @@ std::string shape_str(const at::Tensor& t) {
 
 namespace {
 
-
-// float64 inputs run on the CPU only (gradcheck); the CUDA backend refuses them.
-bool is_input_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-}
-
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
-void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, "parallel_fw_hintra: ", name, " must have ", num(rank), " dims ", layout,
-              ", got ", num(t.dim()), " dims with shape ", shape_str(t));
+// Checks of one op's arguments; `op` prefixes every message.
+struct Checker {
+  const char* op;
+
+  void rank(const at::Tensor& t, const char* name, int64_t r, const char* layout) const {
+    TORCH_CHECK(t.dim() == r, op, ": ", name, " must have ", num(r), " dims ", layout, ", got ",
+                num(t.dim()), " dims with shape ", shape_str(t));
+  }
+
+  void dim(const at::Tensor& t, const char* name, int64_t d, int64_t expected, const char* what) const {
+    TORCH_CHECK(t.size(d) == expected, op, ": ", name, ".size(", num(d), ") must be ", what, " = ",
+                num(expected), ", got ", num(t.size(d)), " (", name, " has shape ", shape_str(t), ")");
+  }
+
+  void device(const at::Tensor& t, const char* name, const at::Tensor& first, const char* first_name) const {
+    TORCH_CHECK(t.device() == first.device(), op, ": ", name, " must be on the same device as ",
+                first_name, " (", first.device(), "), got ", t.device());
+  }
+
+  void floating(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+                " must be a floating tensor (float32, bfloat16, float16 or float64), got ",
+                t.scalar_type());
+  }
+
+  // Q/K/V: float32, bfloat16, float16, or float64 (CPU only; the CUDA backend refuses it).
+  void input_dtype(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+                " must be float32, bfloat16, float16 or float64 (CPU), got ", t.scalar_type());
+  }
+
+  void same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) const {
+    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have ", ref_name,
+                "'s dtype (", ref.scalar_type(), "), got ", t.scalar_type());
+  }
+
+  // Chunking: S a multiple of chunk_size > 0. Returns NC.
+  int64_t chunks(int64_t S, int64_t chunk_size, const char* s_from) const {
+    TORCH_CHECK(chunk_size > 0, op, ": chunk_size must be positive, got ", num(chunk_size));
+    TORCH_CHECK(S % chunk_size == 0, op, ": the sequence length S = ", num(S), " (", s_from,
+                ") must be a multiple of chunk_size = ", num(chunk_size));
+    return S / chunk_size;
+  }
+
+  // A scalar the kernels hold in the compute dtype: finite there (1e39 is inf in float32).
+  double scalar(double v, const char* name, at::ScalarType compute, bool non_negative) const {
+    const double limit = compute == at::kDouble ? DBL_MAX : FLT_MAX;
+    TORCH_CHECK(std::isfinite(v) && std::fabs(v) <= limit && (!non_negative || v >= 0.0), op, ": ",
+                name, " must be finite", (non_negative ? " and >= 0" : ""), " in the compute dtype (",
+                compute, ", largest ", num(limit), "), got ", num(v));
+    return v;
+  }
+};
+
+// A state tensor holding `slots` slots of `per_slot` entries along dim 2: exactly NC or NC+1.
+void check_state_slots(const Checker& c, const at::Tensor& t, const char* name, int64_t per_slot,
+                       const char* per_name, int64_t NC) {
+  const int64_t n = t.size(2);
+  const bool ok = n == (NC + 1) * per_slot || n == NC * per_slot;
+  if (ok) return;
+  const bool too_few = n < NC * per_slot;
+  TORCH_CHECK(false, c.op, ": ", name, ".size(2) must hold NC+1 or NC state slots of ", per_name,
+              " = ", num(per_slot), " (expected (NC+1)*", per_name, " = ", num((NC + 1) * per_slot),
+              " or NC*", per_name, " = ", num(NC * per_slot), ", NC = S / chunk_size = ", num(NC),
+              "), got ", num(n),
+              (too_few ? " (too few state slots)"
+                       : " (states made with another chunk_size or sequence length?)"));
 }
 
-void check_dim(const at::Tensor& t, const char* name, int64_t dim, int64_t expected,
-               const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, "parallel_fw_hintra: ", name, ".size(", num(dim), ") must be ",
-              what, " = ", num(expected), ", got ", num(t.size(dim)), " (", name, " has shape ",
-              shape_str(t), ")");
-}
-
-void check_device(const at::Tensor& t, const char* name, const at::Tensor& matQ) {
-  TORCH_CHECK(t.device() == matQ.device(), "parallel_fw_hintra: ", name,
-              " must be on the same device as matQ (", matQ.device(), "), got ", t.device());
-}
-
-void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), "parallel_fw_hintra: ", name,
-              " must be a floating tensor (float32, bfloat16, float16 or float64), got ",
-              t.scalar_type());
-}
-
-// matC_all / vecN_all: dim 2 holds DHQK rows per state slot, at least NC slots.
-void check_state_rows(const at::Tensor& t, const char* name, int64_t DHQK, int64_t NC) {
-  const int64_t rows = t.size(2);
-  TORCH_CHECK(rows >= NC * DHQK && (DHQK == 0 || rows % DHQK == 0), "parallel_fw_hintra: ", name,
-              ".size(2) must be a multiple of DHQK = ", num(DHQK), " holding at least NC = ",
-              num(NC), " state slots (expected (NC+1)*DHQK = ", num((NC + 1) * DHQK),
-              " or NC*DHQK = ", num(NC * DHQK), "), got ", num(rows),
-              (rows < NC * DHQK ? " (too few state slots)" : ""));
-}
-
-void check_positive_hint(std::optional<int64_t> v, const char* name) {
-  TORCH_CHECK(!v.has_value() || *v > 0, "parallel_fw_hintra: launch hint ", name,
+void check_positive_hint(const Checker& c, std::optional<int64_t> v, const char* name) {
+  TORCH_CHECK(!v.has_value() || *v > 0, c.op, ": launch hint ", name,
               " must be positive when given, got ", num(v.value_or(0)));
+}
+
+at::ScalarType compute_dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// K, V, gates and initial states: what recurrent_fw_states and the forward share. B, NH, S, DHQK
+// come from matK (the forward checks matQ against them first); devices must match `first`.
+StatesArgs check_states_common(const Checker& c, const at::Tensor& first, const char* first_name,
+                               const at::Tensor& matK, const at::Tensor& matV,
+                               const at::Tensor& vecI, const at::Tensor& vecF,
+                               const std::optional<at::Tensor>& matC_initial,
+                               const std::optional<at::Tensor>& vecN_initial,
+                               const std::optional<at::Tensor>& scaM_initial, int64_t chunk_size) {
+  StatesArgs a;
+  c.rank(matK, "matK", 4, "(B, NH, S, DHQK)");
+  c.rank(matV, "matV", 4, "(B, NH, S, DHHV)");
+  c.rank(vecI, "vecI", 3, "(B, NH, S)");
+  c.rank(vecF, "vecF", 3, "(B, NH, S)");
+  a.B = matK.size(0), a.NH = matK.size(1), a.S = matK.size(2), a.DHQK = matK.size(3);
+  a.DHHV = matV.size(3);
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{matK, "matK"}, {matV, "matV"},
+                         {vecI, "vecI"}, {vecF, "vecF"}}) {
+    c.device(t, name, first, first_name);
+  }
+  c.input_dtype(matK, "matK");
+  c.same_dtype(matV, "matV", matK, "matK");
+  c.floating(vecI, "vecI");
+  c.floating(vecF, "vecF");
+  a.L = chunk_size;
+  a.NC = c.chunks(a.S, chunk_size, "matK.size(2)");
+  c.dim(matV, "matV", 0, a.B, "B");
+  c.dim(matV, "matV", 1, a.NH, "NH");
+  c.dim(matV, "matV", 2, a.S, "S");
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{vecI, "vecI"}, {vecF, "vecF"}}) {
+    c.dim(t, name, 0, a.B, "B");
+    c.dim(t, name, 1, a.NH, "NH");
+    c.dim(t, name, 2, a.S, "S");
+  }
+  const at::ScalarType compute = compute_dtype_of(matK);
+  if (matC_initial.has_value()) {
+    const at::Tensor& t = *matC_initial;
+    c.rank(t, "matC_initial", 4, "(B, NH, DHQK, DHHV)");
+    c.device(t, "matC_initial", first, first_name);
+    c.floating(t, "matC_initial");
+    c.dim(t, "matC_initial", 0, a.B, "B");
+    c.dim(t, "matC_initial", 1, a.NH, "NH");
+    c.dim(t, "matC_initial", 2, a.DHQK, "DHQK");
+    c.dim(t, "matC_initial", 3, a.DHHV, "DHHV");
+    a.matC_initial = t.to(compute);
+  }
+  if (vecN_initial.has_value()) {
+    const at::Tensor& t = *vecN_initial;
+    c.rank(t, "vecN_initial", 3, "(B, NH, DHQK)");
+    c.device(t, "vecN_initial", first, first_name);
+    c.floating(t, "vecN_initial");
+    c.dim(t, "vecN_initial", 0, a.B, "B");
+    c.dim(t, "vecN_initial", 1, a.NH, "NH");
+    c.dim(t, "vecN_initial", 2, a.DHQK, "DHQK");
+    a.vecN_initial = t.to(compute);
+  }
+  if (scaM_initial.has_value()) {
+    const at::Tensor& t = *scaM_initial;
+    TORCH_CHECK(t.dim() == 2 || (t.dim() == 3 && t.size(2) == 1), c.op,
+                ": scaM_initial must have shape (B, NH) or (B, NH, 1), got ", num(t.dim()),
+                " dims with shape ", shape_str(t));
+    c.device(t, "scaM_initial", first, first_name);
+    c.floating(t, "scaM_initial");
+    c.dim(t, "scaM_initial", 0, a.B, "B");
+    c.dim(t, "scaM_initial", 1, a.NH, "NH");
+    a.scaM_initial = t.reshape({a.B, a.NH}).to(compute);
+  }
+  a.matK = matK;
+  a.matV = matV;
+  a.vecI = vecI.to(compute);
+  a.vecF = vecF.to(compute);
+  return a;
 }
 
 }  // namespace
@@ -73,18 +184,19 @@ HintraArgs check_hintra_args(
     int64_t chunk_size, int64_t siz_b_LQ, int64_t siz_b_LKV, std::optional<int64_t> siz_b_DHQK,
     std::optional<int64_t> siz_b_DHHV, std::optional<int64_t> num_warps,
     std::optional<int64_t> num_stages, double eps, std::optional<at::ScalarType> output_dtype) {
+  const Checker c{"parallel_fw_hintra"};
   HintraArgs a;
   // Ranks first: every size below is read from them.
-  check_rank(matQ, "matQ", 4, "(B, NH, S, DHQK)");
-  check_rank(matK, "matK", 4, "(B, NH, S, DHQK)");
-  check_rank(matV, "matV", 4, "(B, NH, S, DHHV)");
+  c.rank(matQ, "matQ", 4, "(B, NH, S, DHQK)");
+  c.rank(matK, "matK", 4, "(B, NH, S, DHQK)");
+  c.rank(matV, "matV", 4, "(B, NH, S, DHHV)");
   TORCH_CHECK(vecI.dim() == 3 || vecI.dim() == 4,
               "parallel_fw_hintra: vecI must have 3 dims (B, NH, S) or 4 dims (B, NH, NC, L), got ",
               num(vecI.dim()), " dims with shape ", shape_str(vecI));
-  check_rank(vecF, "vecF", 3, "(B, NH, S)");
-  check_rank(matC_all, "matC_all", 4, "(B, NH, (NC+1)*DHQK, DHHV)");
-  check_rank(vecN_all, "vecN_all", 3, "(B, NH, (NC+1)*DHQK)");
-  check_rank(scaM_all, "scaM_all", 3, "(B, NH, NC+1)");
+  c.rank(vecF, "vecF", 3, "(B, NH, S)");
+  c.rank(matC_all, "matC_all", 4, "(B, NH, (NC+1)*DHQK, DHHV)");
+  c.rank(vecN_all, "vecN_all", 3, "(B, NH, (NC+1)*DHQK)");
+  c.rank(scaM_all, "scaM_all", 3, "(B, NH, NC+1)");
 
   a.B = matQ.size(0);
   a.NH = matQ.size(1);
@@ -96,82 +208,70 @@ HintraArgs check_hintra_args(
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{matK, "matK"}, {matV, "matV"},
                          {vecI, "vecI"}, {vecF, "vecF"}, {matC_all, "matC_all"},
                          {vecN_all, "vecN_all"}, {scaM_all, "scaM_all"}}) {
-    check_device(t, name, matQ);
+    c.device(t, name, matQ, "matQ");
   }
-  TORCH_CHECK(is_input_dtype(matQ.scalar_type()),
-              "parallel_fw_hintra: matQ must be float32, bfloat16, float16 or float64 (CPU), got ",
-              matQ.scalar_type());
-  TORCH_CHECK(matK.scalar_type() == matQ.scalar_type(),
-              "parallel_fw_hintra: matK must have matQ's dtype (", matQ.scalar_type(), "), got ",
-              matK.scalar_type());
-  TORCH_CHECK(matV.scalar_type() == matQ.scalar_type(),
-              "parallel_fw_hintra: matV must have matQ's dtype (", matQ.scalar_type(), "), got ",
-              matV.scalar_type());
-  check_float(vecI, "vecI");
-  check_float(vecF, "vecF");
-  check_float(matC_all, "matC_all");
-  check_float(vecN_all, "vecN_all");
-  check_float(scaM_all, "scaM_all");
+  c.input_dtype(matQ, "matQ");
+  c.same_dtype(matK, "matK", matQ, "matQ");
+  c.same_dtype(matV, "matV", matQ, "matQ");
+  c.floating(vecI, "vecI");
+  c.floating(vecF, "vecF");
+  c.floating(matC_all, "matC_all");
+  c.floating(vecN_all, "vecN_all");
+  c.floating(scaM_all, "scaM_all");
   a.output_dtype = output_dtype.value_or(at::kFloat);
   TORCH_CHECK(is_float_dtype(a.output_dtype),
               "parallel_fw_hintra: output_dtype must be float32, bfloat16, float16 or float64, got ",
               a.output_dtype);
 
-  // Chunking.
-  TORCH_CHECK(chunk_size > 0, "parallel_fw_hintra: chunk_size must be positive, got ", num(chunk_size));
-  TORCH_CHECK(a.S % chunk_size == 0, "parallel_fw_hintra: the sequence length S = ", num(a.S),
-              " (matQ.size(2)) must be a multiple of chunk_size = ", num(chunk_size));
   a.L = chunk_size;
-  a.NC = a.S / chunk_size;
+  a.NC = c.chunks(a.S, chunk_size, "matQ.size(2)");
 
   // Shapes against (B, NH, S, DHQK, DHHV, NC).
   const int64_t B = a.B, NH = a.NH, S = a.S, DHQK = a.DHQK, DHHV = a.DHHV, NC = a.NC;
   for (int64_t d = 0; d < 4; ++d) {
-    check_dim(matK, "matK", d, matQ.size(d), d == 3 ? "DHQK (matQ.size(3))" : "matQ's");
+    c.dim(matK, "matK", d, matQ.size(d), d == 3 ? "DHQK (matQ.size(3))" : "matQ's");
   }
-  check_dim(matV, "matV", 0, B, "B");
-  check_dim(matV, "matV", 1, NH, "NH");
-  check_dim(matV, "matV", 2, S, "S");
-  check_dim(vecI, "vecI", 0, B, "B");
-  check_dim(vecI, "vecI", 1, NH, "NH");
+  c.dim(matV, "matV", 0, B, "B");
+  c.dim(matV, "matV", 1, NH, "NH");
+  c.dim(matV, "matV", 2, S, "S");
+  c.dim(vecI, "vecI", 0, B, "B");
+  c.dim(vecI, "vecI", 1, NH, "NH");
   if (vecI.dim() == 3) {
-    check_dim(vecI, "vecI", 2, S, "S");
+    c.dim(vecI, "vecI", 2, S, "S");
   } else {
-    check_dim(vecI, "vecI", 2, NC, "NC = S / chunk_size");
-    check_dim(vecI, "vecI", 3, a.L, "L = chunk_size");
+    c.dim(vecI, "vecI", 2, NC, "NC = S / chunk_size");
+    c.dim(vecI, "vecI", 3, a.L, "L = chunk_size");
   }
-  check_dim(vecF, "vecF", 0, B, "B");
-  check_dim(vecF, "vecF", 1, NH, "NH");
-  check_dim(vecF, "vecF", 2, S, "S");
+  c.dim(vecF, "vecF", 0, B, "B");
+  c.dim(vecF, "vecF", 1, NH, "NH");
+  c.dim(vecF, "vecF", 2, S, "S");
 
-  // States: at least NC slots (slot NC, the state after the last chunk, is not read).
-  check_dim(matC_all, "matC_all", 0, B, "B");
-  check_dim(matC_all, "matC_all", 1, NH, "NH");
-  check_dim(matC_all, "matC_all", 3, DHHV, "DHHV (matV.size(3))");
-  check_state_rows(matC_all, "matC_all", DHQK, NC);
-  check_dim(vecN_all, "vecN_all", 0, B, "B");
-  check_dim(vecN_all, "vecN_all", 1, NH, "NH");
-  check_state_rows(vecN_all, "vecN_all", DHQK, NC);
-  check_dim(scaM_all, "scaM_all", 0, B, "B");
-  check_dim(scaM_all, "scaM_all", 1, NH, "NH");
-  TORCH_CHECK(scaM_all.size(2) >= NC, "parallel_fw_hintra: scaM_all.size(2) must hold at least NC = ",
-              num(NC), " state slots (expected NC+1 = ", num(NC + 1), " or NC = ", num(NC),
-              "), got ", num(scaM_all.size(2)), " (too few state slots)");
+  // States: NC+1 slots (as recurrent_fw_states makes them) or NC (slot NC is never read).
+  c.dim(matC_all, "matC_all", 0, B, "B");
+  c.dim(matC_all, "matC_all", 1, NH, "NH");
+  c.dim(matC_all, "matC_all", 3, DHHV, "DHHV (matV.size(3))");
+  check_state_slots(c, matC_all, "matC_all", DHQK, "DHQK", NC);
+  c.dim(vecN_all, "vecN_all", 0, B, "B");
+  c.dim(vecN_all, "vecN_all", 1, NH, "NH");
+  check_state_slots(c, vecN_all, "vecN_all", DHQK, "DHQK", NC);
+  c.dim(scaM_all, "scaM_all", 0, B, "B");
+  c.dim(scaM_all, "scaM_all", 1, NH, "NH");
+  check_state_slots(c, scaM_all, "scaM_all", 1, "1", NC);
 
-  // Scalars and launch hints. The hints are advisory here: any positive value is accepted
-  // (more permissive than the reference's Triton asserts, which tie them to chunk_size).
-  a.qk_scale = qk_scale.has_value() ? *qk_scale : (DHQK > 0 ? 1.0 / std::sqrt((double)DHQK) : 1.0);
-  TORCH_CHECK(std::isfinite(a.qk_scale), "parallel_fw_hintra: qk_scale must be finite, got ",
-              num(a.qk_scale));
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0,
-              "parallel_fw_hintra: eps must be finite and >= 0, got ", num(eps));
-  a.eps = eps;
-  check_positive_hint(siz_b_LQ, "siz_b_LQ");
-  check_positive_hint(siz_b_LKV, "siz_b_LKV");
-  check_positive_hint(siz_b_DHQK, "siz_b_DHQK");
-  check_positive_hint(siz_b_DHHV, "siz_b_DHHV");
-  check_positive_hint(num_warps, "num_warps");
-  check_positive_hint(num_stages, "num_stages");
+  // Scalars (finite in the compute dtype) and launch hints. The hints are advisory: any positive
+  // value is accepted (more permissive than the reference's Triton asserts, which tie them to
+  // chunk_size).
+  const at::ScalarType compute = compute_dtype_of(matQ);
+  a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale
+                                             : (DHQK > 0 ? 1.0 / std::sqrt((double)DHQK) : 1.0),
+                        "qk_scale", compute, false);
+  a.eps = c.scalar(eps, "eps", compute, true);
+  check_positive_hint(c, siz_b_LQ, "siz_b_LQ");
+  check_positive_hint(c, siz_b_LKV, "siz_b_LKV");
+  check_positive_hint(c, siz_b_DHQK, "siz_b_DHQK");
+  check_positive_hint(c, siz_b_DHHV, "siz_b_DHHV");
+  check_positive_hint(c, num_warps, "num_warps");
+  check_positive_hint(c, num_stages, "num_stages");
   a.siz_b_DHHV = siz_b_DHHV;
 
   a.matQ = matQ;
@@ -179,7 +279,6 @@ HintraArgs check_hintra_args(
   a.matV = matV;
   // Every kernel reads gates and states in the compute dtype (float32; float64 for float64
   // inputs): a copy only when they come in another dtype.
-  const at::ScalarType compute = matQ.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   a.vecI = (vecI.dim() == 4 ? vecI.reshape({B, NH, S}) : vecI).to(compute);
   a.vecF = vecF.to(compute);
   a.matC_all = matC_all.to(compute);
@@ -188,12 +287,71 @@ HintraArgs check_hintra_args(
   return a;
 }
 
+StatesArgs check_states_args(const at::Tensor& matK, const at::Tensor& matV,
+                             const at::Tensor& vecI, const at::Tensor& vecF,
+                             const std::optional<at::Tensor>& matC_initial,
+                             const std::optional<at::Tensor>& vecN_initial,
+                             const std::optional<at::Tensor>& scaM_initial, int64_t chunk_size) {
+  return check_states_common(Checker{"recurrent_fw_states"}, matK, "matK", matK, matV, vecI, vecF, matC_initial,
+                             vecN_initial, scaM_initial, chunk_size);
+}
+
+ForwardArgs check_forward_args(const at::Tensor& matQ, const at::Tensor& matK,
+                               const at::Tensor& matV, const at::Tensor& vecI,
+                               const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
+                               const std::optional<at::Tensor>& vecN_initial,
+                               const std::optional<at::Tensor>& scaM_initial,
+                               std::optional<double> qk_scale, int64_t chunk_size, double eps) {
+  const Checker c{"chunkwise_fw"};
+  c.rank(matQ, "matQ", 4, "(B, NH, S, DHQK)");
+  c.rank(matK, "matK", 4, "(B, NH, S, DHQK)");
+  c.input_dtype(matQ, "matQ");
+  c.device(matK, "matK", matQ, "matQ");
+  c.same_dtype(matK, "matK", matQ, "matQ");
+  for (int64_t d = 0; d < 4; ++d) {
+    c.dim(matK, "matK", d, matQ.size(d), d == 3 ? "DHQK (matQ.size(3))" : "matQ's");
+  }
+  ForwardArgs a;
+  a.states = check_states_common(c, matQ, "matQ", matK, matV, vecI, vecF, matC_initial, vecN_initial,
+                                 scaM_initial, chunk_size);
+  a.matQ = matQ;
+  const at::ScalarType compute = compute_dtype_of(matQ);
+  const int64_t DHQK = a.states.DHQK;
+  a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale
+                                             : (DHQK > 0 ? 1.0 / std::sqrt((double)DHQK) : 1.0),
+                        "qk_scale", compute, false);
+  a.eps = c.scalar(eps, "eps", compute, true);
+  return a;
+}
+
+HintraArgs hintra_args_for_forward(const ForwardArgs& f, const at::Tensor& matC_all,
+                                   const at::Tensor& vecN_all, const at::Tensor& scaM_all) {
+  const StatesArgs& s = f.states;
+  HintraArgs a;
+  a.matQ = f.matQ, a.matK = s.matK, a.matV = s.matV, a.vecI = s.vecI, a.vecF = s.vecF;
+  a.matC_all = matC_all, a.vecN_all = vecN_all, a.scaM_all = scaM_all;
+  a.B = s.B, a.NH = s.NH, a.S = s.S, a.DHQK = s.DHQK, a.DHHV = s.DHHV, a.L = s.L, a.NC = s.NC;
+  a.qk_scale = f.qk_scale;
+  a.eps = f.eps;
+  a.output_dtype = compute_dtype_of(f.matQ);
+  return a;
+}
+
 HintraOutputs allocate_hintra_outputs(const HintraArgs& a) {
   auto opts = a.matQ.options();
   at::Tensor matH = at::empty({a.B, a.NH, a.S, a.DHHV}, opts);
-  at::Tensor vecN = at::empty({a.B, a.NH, a.S}, opts.dtype(a.output_dtype));
-  at::Tensor vecM = at::empty({a.B, a.NH, a.S}, opts.dtype(a.output_dtype));
+  // vecN / vecM in the compute dtype; the op converts them to output_dtype afterwards.
+  const auto stat = opts.dtype(compute_dtype_of(a.matQ));
+  at::Tensor vecN = at::empty({a.B, a.NH, a.S}, stat);
+  at::Tensor vecM = at::empty({a.B, a.NH, a.S}, stat);
   return {matH, vecN, vecM};
+}
+
+StatesOutputs allocate_states_outputs(const StatesArgs& a) {
+  const auto opts = a.matK.options().dtype(compute_dtype_of(a.matK));
+  return {at::empty({a.B, a.NH, (a.NC + 1) * a.DHQK, a.DHHV}, opts),
+          at::empty({a.B, a.NH, (a.NC + 1) * a.DHQK}, opts),
+          at::empty({a.B, a.NH, a.NC + 1}, opts)};
 }
 
 }  // namespace mlstm

@@ -1,12 +1,12 @@
-"""mlstm_ext: the chunkwise mLSTM intra-chunk H step as a compiled PyTorch operator.
+"""mlstm_ext: the chunkwise mLSTM of xLSTM as compiled PyTorch operators.
 
-Importing this package loads the compiled library, which registers
-``torch.ops.mlstm.parallel_fw_hintra`` (CPU, and CUDA when built with it), and registers the
-fake kernel used by torch.compile / torch.export.
+Importing this package loads the compiled library, which registers the ops
+``torch.ops.mlstm.{parallel_fw_hintra, recurrent_fw_states, chunkwise_fw}`` (CPU, and CUDA when
+built with it), and registers their fake kernels (``mlstm_ext.ops``) for torch.compile /
+torch.export.
 """
 import glob
 import os
-from typing import Optional, Tuple
 
 import torch
 
@@ -14,6 +14,8 @@ __all__ = [
     "library_path",
     "has_cuda_kernels",
     "parallel_fw_hintra",
+    "recurrent_fw_states",
+    "chunkwise_fw",
     "mlstm_chunkwise__parallel_fw_Hintra",
     "MLSTMLayer",
 ]
@@ -38,46 +40,13 @@ def library_path() -> str:
 
 torch.ops.load_library(library_path())
 
-from . import _fake  # noqa: E402,F401  (registers the fake kernel)
+from . import ops  # noqa: E402  (wrappers and fake kernels of every op)
+from .ops import chunkwise_fw, parallel_fw_hintra, recurrent_fw_states  # noqa: E402
 
 
 def has_cuda_kernels() -> bool:
     """True when the library was compiled with its CUDA kernels."""
     return bool(torch.ops.mlstm._built_with_cuda())
-
-
-def parallel_fw_hintra(
-    matQ: torch.Tensor,
-    matK: torch.Tensor,
-    matV: torch.Tensor,
-    vecI: torch.Tensor,
-    vecF: torch.Tensor,
-    matC_all: torch.Tensor,
-    vecN_all: torch.Tensor,
-    scaM_all: torch.Tensor,
-    qk_scale: Optional[float] = None,
-    chunk_size: int = 64,
-    siz_b_LQ: int = 32,
-    siz_b_LKV: int = 32,
-    siz_b_DHQK: Optional[int] = None,
-    siz_b_DHHV: Optional[int] = None,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
-    eps: float = 1e-6,
-    output_dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The intra-chunk H step of the chunkwise mLSTM forward pass (see SPEC.md).
-
-    Same signature and defaults as ``mlstm_kernels``' ``mlstm_chunkwise__parallel_fw_Hintra``.
-    Returns ``(matH (B, NH, S, DHHV) in matQ's dtype, vecN (B, NH, S), vecM (B, NH, S))``, the last
-    two in ``output_dtype`` (float32 by default).
-    """
-    return torch.ops.mlstm.parallel_fw_hintra(
-        matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all,
-        qk_scale=qk_scale, chunk_size=chunk_size, siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV,
-        siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps, num_stages=num_stages,
-        eps=eps, output_dtype=output_dtype,
-    )
 
 
 # The name of the reference function, so code written for mlstm_kernels switches by import.

@@ -356,7 +356,7 @@ void hintra_cpu_typed(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, a
 void hintra_cpu(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Tensor& vecM) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.matQ.scalar_type(), "hintra_cpu", [&] {
     using in_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.output_dtype, "hintra_cpu_out", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vecN.scalar_type(), "hintra_cpu_out", [&] {
       hintra_cpu_typed<in_t, scalar_t>(a, matH, vecN, vecM);
     });
   });

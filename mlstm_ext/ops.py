@@ -1,0 +1,162 @@
+"""The library's ops, each with its Python wrapper and its fake kernel side by side.
+
+The op schemas in ``csrc/ops.cpp`` are the one source of every signature: the wrappers take their
+parameter names and defaults from them, and the fake kernels take ``*args, **kwargs``.
+
+A fake kernel (what torch.compile and torch.export trace with) does two things:
+1. runs the op's C++ validation, through its Meta kernel, on meta tensors of the example sizes,
+   so that a traced program rejects exactly what eager rejects, with the same message;
+2. returns outputs whose sizes are expressions of the (possibly symbolic) input sizes.
+"""
+import inspect
+from typing import Any, Callable, Dict, Sequence
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+__all__ = ["parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared machinery
+
+
+def _signature(op: torch._ops.OpOverload) -> inspect.Signature:
+    params = []
+    for a in op._schema.arguments:
+        default = a.default_value if a.has_default_value() else inspect.Parameter.empty
+        params.append(inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    return inspect.Signature(params)
+
+
+def _wrapper(op: torch._ops.OpOverload, doc: str) -> Callable:
+    """A plain function calling ``op``, with the schema's signature (for help() and inspect)."""
+    def call(*args, **kwargs):
+        return op(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = op._schema.name.split("::")[-1]
+    call.__signature__ = _signature(op)
+    call.__doc__ = doc
+    return call
+
+
+class _NoHint(Exception):
+    """A size without a concrete example value (an unbacked symbol): nothing to validate with."""
+
+
+def _concrete(x) -> int:
+    if isinstance(x, int):
+        return x
+    hint = getattr(getattr(x, "node", None), "hint", None)
+    if hint is None:
+        raise _NoHint()
+    return int(hint)
+
+
+def _as_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided([_concrete(s) for s in t.shape], [_concrete(s) for s in t.stride()],
+                               dtype=t.dtype, device="meta")
+
+
+def _validate(op: torch._ops.OpOverload, args: Sequence[Any], kwargs: Dict[str, Any]) -> None:
+    """The op's own validation (csrc/validate.cpp) on meta copies of the inputs."""
+    names = [a.name for a in op._schema.arguments]
+    bound = dict(zip(names, args), **kwargs)
+    tensors = [(n, t) for n, t in bound.items() if isinstance(t, torch.Tensor)]
+    # Devices first: the meta copies below no longer carry them.
+    first_name, first = tensors[0]
+    for name, t in tensors[1:]:
+        torch._check(t.device == first.device,
+                     lambda: f"{op._schema.name.split('::')[-1]}: {name} must be on the same device "
+                     f"as {first_name} ({first.device}), got {t.device}")
+    with unset_fake_temporarily():
+        try:
+            meta = {n: _as_meta(t) if isinstance(t, torch.Tensor) else t for n, t in bound.items()}
+        except _NoHint:
+            return
+        op(**meta)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _bind(op: torch._ops.OpOverload, args, kwargs) -> Dict[str, Any]:
+    """Every argument by name, defaults filled in."""
+    b = _signature(op).bind(*args, **kwargs)
+    b.apply_defaults()
+    return b.arguments
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel_fw_hintra: the H step
+
+parallel_fw_hintra = _wrapper(torch.ops.mlstm.parallel_fw_hintra.default, """\
+The intra-chunk H step of the chunkwise mLSTM forward (SPEC.md).
+
+Same signature and defaults as mlstm_kernels' ``mlstm_chunkwise__parallel_fw_Hintra``.
+Returns ``(matH (B, NH, S, DHHV) in matQ's dtype, vecN (B, NH, S), vecM (B, NH, S))``, the last
+two in ``output_dtype`` (float32 by default).""")
+
+
+@torch.library.register_fake("mlstm::parallel_fw_hintra")
+def _parallel_fw_hintra_fake(*args, **kwargs):
+    op = torch.ops.mlstm.parallel_fw_hintra.default
+    _validate(op, args, kwargs)
+    a = _bind(op, args, kwargs)
+    matQ, matV = a["matQ"], a["matV"]
+    B, NH, S, _ = matQ.shape
+    out = a["output_dtype"] or torch.float32
+    return (matQ.new_empty((B, NH, S, matV.shape[-1])), matQ.new_empty((B, NH, S), dtype=out),
+            matQ.new_empty((B, NH, S), dtype=out))
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent_fw_states: the chunk-border states
+
+recurrent_fw_states = _wrapper(torch.ops.mlstm.recurrent_fw_states.default, """\
+The chunk-border memory states of the chunkwise mLSTM (SPEC.md, "How the states are made").
+
+Returns ``(matC_all (B, NH, (NC+1)*DHQK, DHHV), vecN_all (B, NH, (NC+1)*DHQK), scaM_all
+(B, NH, NC+1))`` in float32 (float64 for float64 inputs): slot 0 is the initial state (zeros when
+not given), slot k the state entering chunk k, slot NC the state after the last chunk; exactly
+what ``parallel_fw_hintra`` reads. ``scaM_initial`` may be (B, NH) or (B, NH, 1).""")
+
+
+@torch.library.register_fake("mlstm::recurrent_fw_states")
+def _recurrent_fw_states_fake(*args, **kwargs):
+    op = torch.ops.mlstm.recurrent_fw_states.default
+    _validate(op, args, kwargs)
+    a = _bind(op, args, kwargs)
+    matK, matV = a["matK"], a["matV"]
+    B, NH, S, DHQK = matK.shape
+    slots = S // a["chunk_size"] + 1
+    dt = _compute_dtype(matK)
+    return (matK.new_empty((B, NH, slots * DHQK, matV.shape[-1]), dtype=dt),
+            matK.new_empty((B, NH, slots * DHQK), dtype=dt), matK.new_empty((B, NH, slots), dtype=dt))
+
+
+# ---------------------------------------------------------------------------------------------
+# chunkwise_fw: the whole forward
+
+chunkwise_fw = _wrapper(torch.ops.mlstm.chunkwise_fw.default, """\
+The whole chunkwise mLSTM forward: the recurrent step, then the H step (SPEC.md, "The whole
+forward").
+
+Returns ``(matH (B, NH, S, DHHV) in matQ's dtype, matC_last (B, NH, DHQK, DHHV), vecN_last
+(B, NH, DHQK), scaM_last (B, NH), vecN (B, NH, S), vecM (B, NH, S))``: the last five in float32
+(float64 for float64 inputs); vecN and vecM are the H step's normaliser and max state.""")
+
+
+@torch.library.register_fake("mlstm::chunkwise_fw")
+def _chunkwise_fw_fake(*args, **kwargs):
+    op = torch.ops.mlstm.chunkwise_fw.default
+    _validate(op, args, kwargs)
+    a = _bind(op, args, kwargs)
+    matQ, matV = a["matQ"], a["matV"]
+    B, NH, S, DHQK = matQ.shape
+    DHHV = matV.shape[-1]
+    dt = _compute_dtype(matQ)
+    return (matQ.new_empty((B, NH, S, DHHV)), matQ.new_empty((B, NH, DHQK, DHHV), dtype=dt),
+            matQ.new_empty((B, NH, DHQK), dtype=dt), matQ.new_empty((B, NH), dtype=dt),
+            matQ.new_empty((B, NH, S), dtype=dt), matQ.new_empty((B, NH, S), dtype=dt))
