@@ -29,7 +29,8 @@ ForwardArgs check_forward_args(const at::Tensor& matQ, const at::Tensor& matK,
                                const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
                                const std::optional<at::Tensor>& vecN_initial,
                                const std::optional<at::Tensor>& scaM_initial,
-                               std::optional<double> qk_scale, int64_t chunk_size, double eps);
+                               std::optional<double> qk_scale, int64_t chunk_size, double eps,
+                               c10::string_view grad_mode);
 
 // The H step's arguments on the states the recurrent step made (already valid by construction).
 HintraArgs hintra_args_for_forward(const ForwardArgs& f, const at::Tensor& matC_all,

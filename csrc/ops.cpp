@@ -89,9 +89,10 @@ ForwardOutputs chunkwise_fw(const at::Tensor& matQ, const at::Tensor& matK, cons
                             const std::optional<at::Tensor>& matC_initial,
                             const std::optional<at::Tensor>& vecN_initial,
                             const std::optional<at::Tensor>& scaM_initial,
-                            std::optional<double> qk_scale, int64_t chunk_size, double eps) {
+                            std::optional<double> qk_scale, int64_t chunk_size, double eps,
+                            c10::string_view grad_mode) {
   const ForwardArgs f = check_forward_args(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
-                                           scaM_initial, qk_scale, chunk_size, eps);
+                                           scaM_initial, qk_scale, chunk_size, eps, grad_mode);
   auto [matC_all, vecN_all, scaM_all] = run_states<Backend>(f.states);
   auto [matH, vecN, vecM] = run_hintra<Backend>(hintra_args_for_forward(f, matC_all, vecN_all, scaM_all));
   // The last slot, copied so that the (NC+1)-slot buffers are freed here.
@@ -162,10 +163,13 @@ TORCH_LIBRARY(mlstm, m) {
       "Tensor? matC_initial=None, Tensor? vecN_initial=None, Tensor? scaM_initial=None, "
       "int chunk_size=64) -> (Tensor matC_all, Tensor vecN_all, Tensor scaM_all)");
   // The whole forward: states, then the H step; the last states and the H step's vecN, vecM.
+  // grad_mode picks the backward's convention (SPEC.md, "Gradients"): "exact" or
+  // "normaliser_constant"; the forward is the same for both.
   m.def(
       "chunkwise_fw(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, "
       "Tensor? matC_initial=None, Tensor? vecN_initial=None, Tensor? scaM_initial=None, "
-      "float? qk_scale=None, int chunk_size=64, float eps=1e-6) -> (Tensor matH, "
+      "float? qk_scale=None, int chunk_size=64, float eps=1e-6, str grad_mode=\"exact\") -> "
+      "(Tensor matH, "
       "Tensor matC_last, Tensor vecN_last, Tensor scaM_last, Tensor vecN, Tensor vecM)");
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("_built_with_sm90a() -> bool", &built_with_sm90a);
@@ -176,7 +180,9 @@ TORCH_LIBRARY_IMPL(mlstm, CUDA, m) { register_kernels<CudaBackend>(m); }
 TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m); }
 
 TORCH_LIBRARY_IMPL(mlstm, Autograd, m) {
-  for (const char* op : {"parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw"}) {
+  // chunkwise_fw is differentiable: its autograd formula is registered from Python
+  // (mlstm_ext/autograd.py).
+  for (const char* op : {"parallel_fw_hintra", "recurrent_fw_states"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   }
 }

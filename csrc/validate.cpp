@@ -301,8 +301,12 @@ ForwardArgs check_forward_args(const at::Tensor& matQ, const at::Tensor& matK,
                                const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
                                const std::optional<at::Tensor>& vecN_initial,
                                const std::optional<at::Tensor>& scaM_initial,
-                               std::optional<double> qk_scale, int64_t chunk_size, double eps) {
+                               std::optional<double> qk_scale, int64_t chunk_size, double eps,
+                               c10::string_view grad_mode) {
   const Checker c{"chunkwise_fw"};
+  TORCH_CHECK(grad_mode == "exact" || grad_mode == "normaliser_constant",
+              "chunkwise_fw: grad_mode must be \"exact\" or \"normaliser_constant\", got \"",
+              std::string(grad_mode), "\"");
   c.rank(matQ, "matQ", 4, "(B, NH, S, DHQK)");
   c.rank(matK, "matK", 4, "(B, NH, S, DHQK)");
   c.input_dtype(matQ, "matQ");

@@ -145,7 +145,10 @@ forward").
 
 Returns ``(matH (B, NH, S, DHHV) in matQ's dtype, matC_last (B, NH, DHQK, DHHV), vecN_last
 (B, NH, DHQK), scaM_last (B, NH), vecN (B, NH, S), vecM (B, NH, S))``: the last five in float32
-(float64 for float64 inputs); vecN and vecM are the H step's normaliser and max state.""")
+(float64 for float64 inputs); vecN and vecM are the H step's normaliser and max state.
+``grad_mode`` picks the backward's convention (SPEC.md, "Gradients"): ``"exact"`` (default) or
+``"normaliser_constant"`` (the gradients of mlstm_kernels' custom and Triton backwards); the
+forward is the same for both.""")
 
 
 @torch.library.register_fake("mlstm::chunkwise_fw")
