@@ -1,10 +1,13 @@
-// Helpers every translation unit of the library shares: error-message formatting.
+// Helpers every translation unit of the library shares: error-message formatting. Light on
+// purpose (no ATen): the CUDA files include it too.
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <string>
 #include <type_traits>
+
+namespace at {
+class Tensor;
+}
 
 namespace mlstm {
 

@@ -7,6 +7,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#ifdef MLSTM_EXT_WITH_CUDA
+#include "cuda/device_facts.h"
+#endif
 #include "forward.h"
 #include "hintra.h"
 #include "states.h"
@@ -138,11 +141,45 @@ bool built_with_sm90a() {
 #endif
 }
 
+// Lets tests and A/B timing turn the sm_90a kernel off and on at run time; returns the old setting.
+bool set_sm90_enabled(bool on) {
+#ifdef MLSTM_EXT_WITH_CUDA
+  return cuda::set_sm90_enabled(on);
+#else
+  (void)on;
+  return false;
+#endif
+}
+
+// The schemas, each written once: the op, and its "_check_" twin (same schema) whose Meta kernel
+// is the op's validation and shapes; the Python fake kernels (mlstm_ext/ops.py) call the twin,
+// since a Python fake and a C++ Meta kernel cannot both sit on the op itself.
+// Argument names and order of parallel_fw_hintra follow mlstm_kernels' mlstm_chunkwise__parallel_fw_Hintra.
+constexpr const char* kHintraSchema =
+    "(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor matC_all, "
+    "Tensor vecN_all, Tensor scaM_all, float? qk_scale=None, int chunk_size=64, int siz_b_LQ=32, "
+    "int siz_b_LKV=32, int? siz_b_DHQK=None, int? siz_b_DHHV=None, int? num_warps=None, "
+    "int? num_stages=None, float eps=1e-6, ScalarType? output_dtype=None) -> (Tensor matH, "
+    "Tensor vecN, Tensor vecM)";
+// The chunk-border states (NC+1 slots, slot 0 the initial state).
+constexpr const char* kStatesSchema =
+    "(Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor? matC_initial=None, "
+    "Tensor? vecN_initial=None, Tensor? scaM_initial=None, int chunk_size=64) -> (Tensor matC_all, "
+    "Tensor vecN_all, Tensor scaM_all)";
+// The whole forward: states, then the H step; the last states and the H step's vecN, vecM.
+// grad_mode picks the backward's convention (SPEC.md, "Gradients"): "exact" or
+// "normaliser_constant"; the forward is the same for both.
+constexpr const char* kForwardSchema =
+    "(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor? matC_initial=None, "
+    "Tensor? vecN_initial=None, Tensor? scaM_initial=None, float? qk_scale=None, int chunk_size=64, "
+    "float eps=1e-6, str grad_mode=\"exact\") -> (Tensor matH, Tensor matC_last, Tensor vecN_last, "
+    "Tensor scaM_last, Tensor vecN, Tensor vecM)";
+
 template <class Backend>
-void register_kernels(torch::Library& m) {
-  m.impl("parallel_fw_hintra", &parallel_fw_hintra<Backend>);
-  m.impl("recurrent_fw_states", &recurrent_fw_states<Backend>);
-  m.impl("chunkwise_fw", &chunkwise_fw<Backend>);
+void register_kernels(torch::Library& m, const std::string& prefix = "") {
+  m.impl((prefix + "parallel_fw_hintra").c_str(), &parallel_fw_hintra<Backend>);
+  m.impl((prefix + "recurrent_fw_states").c_str(), &recurrent_fw_states<Backend>);
+  m.impl((prefix + "chunkwise_fw").c_str(), &chunkwise_fw<Backend>);
 }
 
 }  // namespace
@@ -150,34 +187,19 @@ void register_kernels(torch::Library& m) {
 TORCH_LIBRARY(mlstm, m) {
   // Where Python finds the fake kernels when this library is loaded on its own.
   m.set_python_module("mlstm_ext.ops");
-  // The H step; argument names and order follow mlstm_kernels' mlstm_chunkwise__parallel_fw_Hintra.
-  m.def(
-      "parallel_fw_hintra(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, "
-      "Tensor matC_all, Tensor vecN_all, Tensor scaM_all, float? qk_scale=None, "
-      "int chunk_size=64, int siz_b_LQ=32, int siz_b_LKV=32, int? siz_b_DHQK=None, "
-      "int? siz_b_DHHV=None, int? num_warps=None, int? num_stages=None, float eps=1e-6, "
-      "ScalarType? output_dtype=None) -> (Tensor matH, Tensor vecN, Tensor vecM)");
-  // The chunk-border states (NC+1 slots, slot 0 the initial state).
-  m.def(
-      "recurrent_fw_states(Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, "
-      "Tensor? matC_initial=None, Tensor? vecN_initial=None, Tensor? scaM_initial=None, "
-      "int chunk_size=64) -> (Tensor matC_all, Tensor vecN_all, Tensor scaM_all)");
-  // The whole forward: states, then the H step; the last states and the H step's vecN, vecM.
-  // grad_mode picks the backward's convention (SPEC.md, "Gradients"): "exact" or
-  // "normaliser_constant"; the forward is the same for both.
-  m.def(
-      "chunkwise_fw(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, "
-      "Tensor? matC_initial=None, Tensor? vecN_initial=None, Tensor? scaM_initial=None, "
-      "float? qk_scale=None, int chunk_size=64, float eps=1e-6, str grad_mode=\"exact\") -> "
-      "(Tensor matH, "
-      "Tensor matC_last, Tensor vecN_last, Tensor scaM_last, Tensor vecN, Tensor vecM)");
+  for (const std::string prefix : {"", "_check_"}) {
+    m.def((prefix + "parallel_fw_hintra" + kHintraSchema).c_str());
+    m.def((prefix + "recurrent_fw_states" + kStatesSchema).c_str());
+    m.def((prefix + "chunkwise_fw" + kForwardSchema).c_str());
+  }
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("_built_with_sm90a() -> bool", &built_with_sm90a);
+  m.def("_set_sm90_enabled(bool on) -> bool", &set_sm90_enabled);
 }
 
 TORCH_LIBRARY_IMPL(mlstm, CPU, m) { register_kernels<CpuBackend>(m); }
 TORCH_LIBRARY_IMPL(mlstm, CUDA, m) { register_kernels<CudaBackend>(m); }
-TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m); }
+TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m, "_check_"); }
 
 TORCH_LIBRARY_IMPL(mlstm, Autograd, m) {
   // chunkwise_fw is differentiable: its autograd formula is registered from Python

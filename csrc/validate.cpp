@@ -70,27 +70,27 @@ struct Checker {
 
   // A scalar the kernels hold in the compute dtype: finite there (1e39 is inf in float32).
   double scalar(double v, const char* name, at::ScalarType compute, bool non_negative) const {
-    const double limit = compute == at::kDouble ? DBL_MAX : FLT_MAX;
-    TORCH_CHECK(std::isfinite(v) && std::fabs(v) <= limit && (!non_negative || v >= 0.0), op, ": ",
-                name, " must be finite", (non_negative ? " and >= 0" : ""), " in the compute dtype (",
-                compute, ", largest ", num(limit), "), got ", num(v));
+    const bool f64 = compute == at::kDouble;
+    TORCH_CHECK(std::isfinite(v) && std::fabs(v) <= (f64 ? DBL_MAX : FLT_MAX) && (!non_negative || v >= 0.0),
+                op, ": ", name, " must be finite", (non_negative ? " and >= 0" : ""),
+                " in the compute dtype (", compute, ": magnitude at most ", (f64 ? "1.8e308" : "3.4e38"),
+                "), got ", num(v));
     return v;
   }
 };
 
-// A state tensor holding `slots` slots of `per_slot` entries along dim 2: exactly NC or NC+1.
+// A state tensor holding its slots along dim 2 (per_slot entries each): exactly NC+1 or NC.
 void check_state_slots(const Checker& c, const at::Tensor& t, const char* name, int64_t per_slot,
                        const char* per_name, int64_t NC) {
   const int64_t n = t.size(2);
-  const bool ok = n == (NC + 1) * per_slot || n == NC * per_slot;
-  if (ok) return;
-  const bool too_few = n < NC * per_slot;
-  TORCH_CHECK(false, c.op, ": ", name, ".size(2) must hold NC+1 or NC state slots of ", per_name,
-              " = ", num(per_slot), " (expected (NC+1)*", per_name, " = ", num((NC + 1) * per_slot),
-              " or NC*", per_name, " = ", num(NC * per_slot), ", NC = S / chunk_size = ", num(NC),
-              "), got ", num(n),
-              (too_few ? " (too few state slots)"
-                       : " (states made with another chunk_size or sequence length?)"));
+  if (n == (NC + 1) * per_slot || n == NC * per_slot) return;
+  const std::string unit = per_slot == 1 ? "" : std::string("*") + per_name;
+  TORCH_CHECK(false, c.op, ": ", name, ".size(2) must hold NC+1 or NC state slots",
+              (per_slot == 1 ? std::string() : std::string(" of ") + per_name + " = " + num(per_slot) + " rows"),
+              " (expected (NC+1)", unit, " = ", num((NC + 1) * per_slot), " or NC", unit, " = ",
+              num(NC * per_slot), "; NC = S / chunk_size = ", num(NC), "), got ", num(n),
+              (n < NC * per_slot ? " (too few state slots)"
+                                 : " (states made with another chunk_size or sequence length?)"));
 }
 
 void check_positive_hint(const Checker& c, std::optional<int64_t> v, const char* name) {

@@ -7,6 +7,7 @@ A fake kernel (what torch.compile and torch.export trace with) does two things:
 1. runs the op's C++ validation, through its Meta kernel, on meta tensors of the example sizes,
    so that a traced program rejects exactly what eager rejects, with the same message;
 2. returns outputs whose sizes are expressions of the (possibly symbolic) input sizes.
+Fake tensors have no data, so a fake kernel can neither fail on values nor produce them.
 """
 import inspect
 from typing import Any, Callable, Dict, Sequence
@@ -59,22 +60,24 @@ def _as_meta(t: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(op: torch._ops.OpOverload, args: Sequence[Any], kwargs: Dict[str, Any]) -> None:
-    """The op's own validation (csrc/validate.cpp) on meta copies of the inputs."""
+    """The op's own validation (csrc/validate.cpp) on meta copies of the inputs, through the
+    Meta kernel of its "_check_" twin (csrc/ops.cpp)."""
+    name = op._schema.name.split("::")[-1]
     names = [a.name for a in op._schema.arguments]
     bound = dict(zip(names, args), **kwargs)
     tensors = [(n, t) for n, t in bound.items() if isinstance(t, torch.Tensor)]
     # Devices first: the meta copies below no longer carry them.
     first_name, first = tensors[0]
-    for name, t in tensors[1:]:
+    for arg, t in tensors[1:]:
         torch._check(t.device == first.device,
-                     lambda: f"{op._schema.name.split('::')[-1]}: {name} must be on the same device "
+                     lambda: f"{name}: {arg} must be on the same device "
                      f"as {first_name} ({first.device}), got {t.device}")
     with unset_fake_temporarily():
         try:
             meta = {n: _as_meta(t) if isinstance(t, torch.Tensor) else t for n, t in bound.items()}
         except _NoHint:
             return
-        op(**meta)
+        getattr(torch.ops.mlstm, "_check_" + name).default(**meta)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

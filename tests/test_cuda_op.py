@@ -54,16 +54,19 @@ KERNEL_SHAPES = [(2, 3, 256, 64, 64, 64), (1, 2, 512, 128, 128, 128), (1, 2, 96,
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
-def test_both_16bit_kernels(make, monkeypatch, shape, dtype):
+def test_both_16bit_kernels(make, shape, dtype):
     """The Hopper (wgmma) kernel and the sm_80 kernel each match the float64 reference; on an
     H100/H200 with sm_90a code built they are different code (different rounding), so the
     outputs differ in low bits: proof that the switch picked each."""
     B, NH, S, DHQK, DHHV, L = shape
     inp = make(B=B, NH=NH, S=S, L=L, DHQK=DHQK, DHHV=DHHV, dtype=dtype)
     outs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("MLSTM_EXT_SM90", flag)
-        outs[flag] = check_vs_reference(inp, "cuda")
+    try:
+        for flag in ("1", "0"):
+            torch.ops.mlstm._set_sm90_enabled(flag == "1")
+            outs[flag] = check_vs_reference(inp, "cuda")
+    finally:
+        torch.ops.mlstm._set_sm90_enabled(True)
     if _hopper_kernel_used() and DHQK >= 8:
         assert not torch.equal(outs["1"][0], outs["0"][0]), "both runs took the same kernel"
 

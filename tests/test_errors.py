@@ -35,8 +35,10 @@ LAYOUT = {"matQ": "(B, NH, S, DHQK)", "matK": "(B, NH, S, DHQK)", "matV": "(B, N
           "vecN_all": "(B, NH, (NC+1)*DHQK)", "scaM_all": "(B, NH, NC+1)"}
 RANK = {"matQ": 4, "matK": 4, "matV": 4, "vecF": 3, "matC_all": 4, "vecN_all": 3, "scaM_all": 3}
 
-SLOTS = ("{}.size(2) must be a multiple of DHQK = 4 holding at least NC = 2 state slots "
-         "(expected (NC+1)*DHQK = 12 or NC*DHQK = 8), got {}")
+SLOTS = ("{}.size(2) must hold NC+1 or NC state slots of DHQK = 4 rows "
+         "(expected (NC+1)*DHQK = 12 or NC*DHQK = 8; NC = S / chunk_size = 2), got {}")
+F32_SCALAR = "{} must be finite{} in the compute dtype (Float: magnitude at most 3.4e38), got "
+OTHER_CHUNK = " (states made with another chunk_size or sequence length?)"
 
 CASES = []
 # Wrong rank, one dim fewer and one more, for each tensor.
@@ -62,13 +64,15 @@ CASES += [
     ("vecI4d-L", set_(vecI=lambda t: grow(t.reshape(B, NH, 2, 4), 3)), "vecI.size(3) must be L = chunk_size = 4, got 5"),
     ("matC-DHHV", set_(matC_all=lambda t: grow(t, 3)), "matC_all.size(3) must be DHHV (matV.size(3)) = 5, got 6"),
     ("matV-DHHV", set_(matV=lambda t: grow(t, 3)), "matC_all.size(3) must be DHHV (matV.size(3)) = 6, got 5"),
-    ("matC-rows-not-multiple", set_(matC_all=lambda t: grow(t, 2)), SLOTS.format("matC_all", 13)),
+    ("matC-rows-not-multiple", set_(matC_all=lambda t: grow(t, 2)), SLOTS.format("matC_all", 13) + OTHER_CHUNK),
+    ("matC-too-many-slots", set_(matC_all=lambda t: grow(t, 2, 8)), SLOTS.format("matC_all", 20) + OTHER_CHUNK),
     ("matC-too-few", set_(matC_all=lambda t: t[:, :, :4]), SLOTS.format("matC_all", 4) + " (too few state slots)"),
-    ("vecN-rows-not-multiple", set_(vecN_all=lambda t: t[:, :, :10]), SLOTS.format("vecN_all", 10)),
+    ("vecN-rows-not-multiple", set_(vecN_all=lambda t: t[:, :, :10]), SLOTS.format("vecN_all", 10) + OTHER_CHUNK),
     ("vecN-too-few", set_(vecN_all=lambda t: t[:, :, :4]), SLOTS.format("vecN_all", 4) + " (too few state slots)"),
-    ("scaM-too-few", set_(scaM_all=lambda t: t[:, :, :1]), "scaM_all.size(2) must hold at least NC = 2 state slots (expected NC+1 = 3 or NC = 2), got 1 (too few state slots)"),
+    ("scaM-too-few", set_(scaM_all=lambda t: t[:, :, :1]), "scaM_all.size(2) must hold NC+1 or NC state slots (expected (NC+1) = 3 or NC = 2; NC = S / chunk_size = 2), got 1 (too few state slots)"),
+    ("scaM-too-many", set_(scaM_all=lambda t: grow(t, 2, 3)), "scaM_all.size(2) must hold NC+1 or NC state slots (expected (NC+1) = 3 or NC = 2; NC = S / chunk_size = 2), got 6" + OTHER_CHUNK),
     ("states-empty", set_(matC_all=lambda t: t[:, :, :0], vecN_all=lambda t: t[:, :, :0],
-                          scaM_all=lambda t: t[:, :, :0]), SLOTS.format("matC_all", 0)),
+                          scaM_all=lambda t: t[:, :, :0]), SLOTS.format("matC_all", 0) + " (too few state slots)"),
     # Chunking.
     ("S-not-multiple", set_(chunk_size=3), "the sequence length S = 8 (matQ.size(2)) must be a multiple of chunk_size = 3"),
     ("S-less-than-L", set_(chunk_size=16), "the sequence length S = 8 (matQ.size(2)) must be a multiple of chunk_size = 16"),
@@ -76,18 +80,19 @@ CASES += [
     ("chunk-negative", set_(chunk_size=-4), "chunk_size must be positive, got -4"),
     # Dtypes.
     ("matQ-int", set_(matQ=lambda t: t.to(torch.int32)), "matQ must be float32, bfloat16 or float16, got Int"),
-    ("qkv-float64", set_(matQ=lambda t: t.double(), matK=lambda t: t.double(), matV=lambda t: t.double()), "matQ must be float32, bfloat16 or float16, got Double"),
     ("matK-bf16", set_(matK=lambda t: t.bfloat16()), "matK must have matQ's dtype (Float), got BFloat16"),
     ("matV-half", set_(matV=lambda t: t.half()), "matV must have matQ's dtype (Float), got Half"),
     ("matK-v-float32-q-bf16", set_(matQ=lambda t: t.bfloat16()), "matK must have matQ's dtype (BFloat16), got Float"),
     ("output-dtype-int", set_(output_dtype=torch.int32), "output_dtype must be float32, bfloat16, float16 or float64, got Int"),
     ("output-dtype-bool", set_(output_dtype=torch.bool), "output_dtype must be float32, bfloat16, float16 or float64, got Bool"),
     # Scalars.
-    ("eps-negative", set_(eps=-1e-3), "eps must be finite and >= 0, got -0.001"),
-    ("eps-nan", set_(eps=float("nan")), "eps must be finite and >= 0, got"),
-    ("eps-inf", set_(eps=float("inf")), "eps must be finite and >= 0, got"),
-    ("qk_scale-nan", set_(qk_scale=float("nan")), "qk_scale must be finite, got"),
-    ("qk_scale-inf", set_(qk_scale=float("-inf")), "qk_scale must be finite, got"),
+    ("eps-negative", set_(eps=-1e-3), F32_SCALAR.format("eps", " and >= 0") + "-0.001"),
+    ("eps-nan", set_(eps=float("nan")), F32_SCALAR.format("eps", " and >= 0")),
+    ("eps-inf", set_(eps=float("inf")), F32_SCALAR.format("eps", " and >= 0")),
+    ("eps-too-big-for-float32", set_(eps=1e39), F32_SCALAR.format("eps", " and >= 0")),
+    ("qk_scale-nan", set_(qk_scale=float("nan")), F32_SCALAR.format("qk_scale", "")),
+    ("qk_scale-inf", set_(qk_scale=float("-inf")), F32_SCALAR.format("qk_scale", "")),
+    ("qk_scale-too-big-for-float32", set_(qk_scale=1e39), F32_SCALAR.format("qk_scale", "")),
 ]
 for nm in ["vecI", "vecF", "matC_all", "vecN_all", "scaM_all"]:
     CASES.append((f"{nm}-long", set_(**{nm: lambda t: t.long()}), f"{nm} must be a floating tensor (float32, bfloat16, float16 or float64), got Long"))
@@ -149,3 +154,56 @@ def test_mixed_cpu_meta_rejected(on_meta):
     t[on_meta] = t[on_meta].to("meta")
     with pytest.raises(RuntimeError, match="device"):
         call(op, t, kw)
+
+
+@pytest.mark.parametrize("mutate,msg", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rejected_on_meta(mutate, msg):
+    """The Meta kernel (what torch.compile / torch.export trace with) runs the same validation."""
+    t, kw = base("cpu")
+    mutate(t, kw)
+    t = {nm: x.to("meta") for nm, x in t.items()}
+    with pytest.raises(RuntimeError, match=re.escape("parallel_fw_hintra: " + msg)):
+        call(op, t, kw)
+
+
+@pytest.mark.parametrize("mutate,msg", [c[1:] for c in CASES if c[0] in
+                                        ("vecF-size2", "scaM-too-few", "eps-negative", "qk_scale-nan")],
+                         ids=["vecF-size2", "scaM-too-few", "eps-negative", "qk_scale-nan"])
+def test_rejected_when_compiled(mutate, msg):
+    """torch.compile(fullgraph) refuses an invalid call while tracing, with eager's message."""
+    torch._dynamo.reset()
+    t, kw = base("cpu")
+    mutate(t, kw)
+
+    def fn(*args):
+        return op(*args, **kw)
+
+    with pytest.raises(Exception, match=re.escape(msg)):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(*[t[nm] for nm in NAMES])
+
+
+def test_float64_runs_on_cpu_and_is_refused_on_cuda():
+    t, kw = base("cpu")
+    t = {nm: x.double() for nm, x in t.items()}
+    outs = call(op, t, dict(kw, output_dtype=torch.float64))
+    assert outs[0].dtype == torch.float64 and all(torch.isfinite(o).all() for o in outs)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="float64 inputs run on the CPU only"):
+            call(op, {nm: x.cuda() for nm, x in t.items()}, kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inputs_requiring_grad_are_refused(device):
+    """No backward exists for the H step: an input that requires grad (under grad mode) is an
+    error naming the inputs, never results whose backward() silently gives None."""
+    t, kw = base(device)
+    t["matQ"].requires_grad_(True)
+    t["matC_all"].requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"parallel_fw_hintra: this op has no backward, but matQ, matC_all require grad"):
+        call(op, t, kw)
+    with torch.no_grad():
+        outs = call(op, t, kw)
+    assert all(torch.isfinite(o).all() and not o.requires_grad for o in outs)
+    detached = call(op, {nm: x.detach() for nm, x in t.items()}, kw)
+    for a, b in zip(outs, detached):
+        assert torch.equal(a, b)

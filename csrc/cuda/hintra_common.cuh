@@ -1,16 +1,46 @@
-// Pieces shared by the H-step kernels (hintra_kernel.cuh for sm_80+, hintra_sm90.cuh for sm_90a):
-// tile staging, the gate/stabiliser prologue (SPEC.md steps 1-4) and the output epilogue (steps 6-7).
+// Stages shared by both H-step main loops (hintra_sm80.cuh, hintra_sm90.cuh), written once:
+//   tile staging and tile index, the gate/stabiliser prologue (SPEC.md steps 1-4), the masked
+//   exponentials and row sums (step 5), the quad reduction, the row normaliser (steps 6-7) and
+//   the exact recomputation of tiles whose outputs came out non-finite.
+//
+// The stabiliser needs no running max: m_intra[t] = max(-10, bg[t] + max_{s<=t}(i[s] - bg[s])) is a
+// prefix max over the gates alone, so m is known before any product and one float accumulator per
+// output collects g q C + sum_s w v with no rescaling.
+//
+// Frame shift: every weight is computed relative to F[t] = m[t] - delta[t], delta = min(64, m - m_intra)
+// (SPEC's numerator and denominator both scaled by e^delta, so H is the same function). The intra
+// weights then peak near 1 even when the incoming state dominates m, so they neither underflow
+// (eps = 0 with m ~ 95: e^-95 is below float32's normal range) nor lose 16-bit precision in P.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "cuda/hintra_traits.cuh"
+#include "cuda/hintra_params.h"
+#include "cuda/hintra_tiles.h"
 #include "cuda/mma.cuh"
 
 namespace mlstm::cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kMinimumMaxVal = -10.0f;  // SPEC.md step 3
+constexpr float kMaxShift = 64.f;         // largest frame shift delta
+// Chunks whose |bg| or |i| passes this take the exact exponent: the fast one forms D - F as
+// (bg[t] - F[t]) + (i[s] - bg[s]), where i is lost beside a huge bg (f = -1e30, say).
+constexpr float kWideGate = 128.f;
+
+// max that keeps NaN (fmaxf drops it): a NaN gate must show in m like in every other output.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// Sum over the 4 lanes of a quad (the lanes that share an mma accumulator row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
 
 // Stage a rows x cols tile (cols a multiple of 16 bytes) into shared memory, zero outside
 // rows_valid x cols_valid. Aligned full 16-byte pieces go through cp.async; the rest element-wise.
@@ -37,12 +67,15 @@ __device__ __forceinline__ void load_tile(T* s, int s_stride, const T* g, int64_
 
 // The tile of one block: blockIdx.x = ((bh * NC + chunk) * n_qt + qt) * n_dvt + dvt, so the
 // blocks that share a chunk's Q, K and C run side by side and re-read them from L2.
-struct TileIndex {
+struct Tile {
   int dvt, qt, chunk;
   int64_t bh, b, h;
+  int row0, rows_valid, row_end;  // query rows row0..row_end-1 of the chunk; keys 0..row_end-1
+  int dv0, dv_valid;              // DHHV columns dv0.. of the block (dv_valid may pass the tile)
+  int64_t s0;                     // first sequence position of the chunk
 };
-__device__ __forceinline__ TileIndex tile_index(const HintraParams& p) {
-  TileIndex t;
+__device__ __forceinline__ Tile tile_of_block(const HintraParams& p, int rows, int bdv) {
+  Tile t;
   int64_t blk = blockIdx.x;
   t.dvt = blk % p.n_dvt;
   blk /= p.n_dvt;
@@ -52,30 +85,59 @@ __device__ __forceinline__ TileIndex tile_index(const HintraParams& p) {
   t.bh = blk / p.NC;
   t.b = t.bh / p.NH;
   t.h = t.bh % p.NH;
+  t.row0 = t.qt * rows;
+  t.rows_valid = min(rows, p.L - t.row0);
+  t.row_end = t.row0 + t.rows_valid;
+  t.dv0 = t.dvt * bdv;
+  t.dv_valid = p.DHHV - t.dv0;
+  t.s0 = (int64_t)t.chunk * p.L;
   return t;
 }
 
-// Steps 1-4 for query rows row0..row0+kRows-1 of one chunk, into shared memory:
-// sBG = bg (cumulative log forget gate), sColB = log2e * (i - bg), sPM = prefix max of (i - bg),
-// and per query row sRowA = log2e * (bg - m), sG = qk_scale * exp(bg + m_prev - m), sM = m.
-// The stabiliser needs no running max: D[t, s] - m[t] = (bg[t] - m[t]) + (i[s] - bg[s]), and
-// m_intra[t] = max(-10, bg[t] + max_{s<=t}(i[s] - bg[s])) is a prefix max over the gates alone.
+// The gate scratch in shared memory (kGateArrays per key, kRowArrays per query row).
+struct GateScratch {
+  float* bg;       // [key] bg (cumulative log forget gate)
+  float* col_a;    // [key] fast: log2e (i - bg); wide: log2e i
+  float* col_b;    // [key] wide: log2e bg (in stage_gates: i, then the prefix max)
+  float* row_a;    // [row] fast: log2e ((bg - m) + delta); wide: log2e (delta - m)
+  float* row_g;    // [row] qk_scale exp((bg + m_prev - m) + delta)
+  float* row_m;    // [row] m
+  float* row_d;    // [row] delta
+  float* row_inv;  // [row] 1 / (den' + eps e^delta), from the epilogue (for the fix-up)
+};
+__device__ __forceinline__ GateScratch gate_scratch(unsigned char* smem, int gate_off, int row_off,
+                                                    int gate_len, int rows) {
+  GateScratch g;
+  g.bg = reinterpret_cast<float*>(smem + gate_off);
+  g.col_a = g.bg + gate_len;
+  g.col_b = g.col_a + gate_len;
+  g.row_a = reinterpret_cast<float*>(smem + row_off);
+  g.row_g = g.row_a + rows;
+  g.row_m = g.row_g + rows;
+  g.row_d = g.row_m + rows;
+  g.row_inv = g.row_d + rows;
+  return g;
+}
+
+// Steps 1-4 for query rows row0..row0+kRows-1 of one chunk, into the gate scratch. Returns
+// whether the chunk's gates are wide (block-uniform): then the exponents are formed exactly.
 template <int kRows>
-__device__ __forceinline__ void stage_gates(const HintraParams& p, int64_t b, int64_t h, int chunk,
-                                            int row0, int row_end, float* sBG, float* sColB,
-                                            float* sPM, float* sRowA, float* sG, float* sM) {
+__device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& tile,
+                                            const GateScratch& gs) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t s0 = (int64_t)chunk * p.L;
-  // ---- Steps 1-4: cumulative log forget gate, prefix max, combined max (float32). ----
+  const int row_end = tile.row_end;
+  const float m_prev = p.m[tile.b * p.m_sb + tile.h * p.m_sh + tile.chunk * p.m_ss];
   // All threads fetch the gates at once (one memory round trip), then warp 0 scans in shared.
-  const float m_prev = p.m[b * p.m_sb + h * p.m_sh + chunk * p.m_ss];
+  float big = 0.f;  // max |i| and |bg| seen by this thread
   {
-    const float* gi = p.igate + b * p.i_sb + h * p.i_sh + s0 * p.i_ss;
-    const float* gf = p.fgate + b * p.f_sb + h * p.f_sh + s0 * p.f_ss;
+    const float* gi = p.igate + tile.b * p.i_sb + tile.h * p.i_sh + tile.s0 * p.i_ss;
+    const float* gf = p.fgate + tile.b * p.f_sb + tile.h * p.f_sh + tile.s0 * p.f_ss;
     for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
       const float f = gf[s * p.f_ss];
-      sBG[s] = fminf(f, 0.f) - log1pf(expf(-fabsf(f)));  // logsigmoid, scanned below
-      sColB[s] = gi[s * p.i_ss];
+      gs.bg[s] = fminf(f, 0.f) - log1pf(expf(-fabsf(f)));  // logsigmoid, scanned below
+      const float iv = gi[s * p.i_ss];
+      gs.col_b[s] = iv;
+      big = fmaxf(big, fabsf(iv));
     }
   }
   __syncthreads();
@@ -83,8 +145,8 @@ __device__ __forceinline__ void stage_gates(const HintraParams& p, int64_t b, in
     float carry = 0.f, carry_max = -INFINITY;
     for (int base = 0; base < row_end; base += 32) {
       const int s = base + lane;
-      const float lf = s < row_end ? sBG[s] : 0.f;
-      const float iv = s < row_end ? sColB[s] : 0.f;
+      const float lf = s < row_end ? gs.bg[s] : 0.f;
+      const float iv = s < row_end ? gs.col_b[s] : 0.f;
       float x = lf;  // inclusive warp scan
 #pragma unroll
       for (int off = 1; off < 32; off *= 2) {
@@ -93,82 +155,136 @@ __device__ __forceinline__ void stage_gates(const HintraParams& p, int64_t b, in
       }
       const float bg = x + carry;
       carry = __shfl_sync(0xffffffffu, bg, 31);
-      const float bcol = s < row_end ? iv - bg : -INFINITY;
-      float pm = bcol;
+      float pm = s < row_end ? iv - bg : -INFINITY;
 #pragma unroll
       for (int off = 1; off < 32; off *= 2) {
         const float y = __shfl_up_sync(0xffffffffu, pm, off);
-        if (lane >= off) pm = fmaxf(pm, y);
+        if (lane >= off) pm = nan_max(pm, y);
       }
-      pm = fmaxf(pm, carry_max);
+      pm = nan_max(pm, carry_max);
       carry_max = __shfl_sync(0xffffffffu, pm, 31);
       if (s < row_end) {
-        sBG[s] = bg;
-        sColB[s] = bcol * kLog2e;
-        sPM[s] = pm;
+        gs.bg[s] = bg;
+        gs.col_a[s] = pm;  // the prefix max, until the rows below have read it
+        big = fmaxf(big, fabsf(bg));
       }
     }
   }
-  __syncthreads();
+  const bool wide = __syncthreads_or(big > kWideGate);
   for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
-    const int t = row0 + r;
-    float ra = 0.f, gg = 0.f, mm = 0.f;
+    const int t = tile.row0 + r;
+    float ra = 0.f, gg = 0.f, mm = 0.f, dd = 0.f;
     if (t < row_end) {
-      const float bg = sBG[t];
-      const float m_intra = fmaxf(kMinimumMaxVal, bg + sPM[t]);
-      mm = fmaxf(bg + m_prev, m_intra);
-      ra = (bg - mm) * kLog2e;
-      gg = p.qk_scale * expf(bg + m_prev - mm);
+      const float bg = gs.bg[t];
+      float m_intra;
+      if (wide) {  // max_{s<=t} D[t, s], each D formed directly
+        m_intra = -INFINITY;
+        for (int s = 0; s <= t; ++s) m_intra = nan_max(m_intra, (bg - gs.bg[s]) + gs.col_b[s]);
+        m_intra = nan_max(kMinimumMaxVal, m_intra);
+      } else {
+        m_intra = nan_max(kMinimumMaxVal, bg + gs.col_a[t]);
+      }
+      mm = nan_max(bg + m_prev, m_intra);
+      dd = fminf(kMaxShift, mm - m_intra);
+      ra = (wide ? dd - mm : (bg - mm) + dd) * kLog2e;
+      gg = p.qk_scale * expf((bg + m_prev - mm) + dd);
     }
-    sRowA[r] = ra;
-    sG[r] = gg;
-    sM[r] = mm;
+    gs.row_a[r] = ra;
+    gs.row_g[r] = gg;
+    gs.row_m[r] = mm;
+    gs.row_d[r] = dd;
+  }
+  __syncthreads();  // the rows have read the prefix max
+  for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
+    const float bg = gs.bg[s], iv = gs.col_b[s];
+    gs.col_a[s] = (wide ? iv : iv - bg) * kLog2e;
+    gs.col_b[s] = bg * kLog2e;
   }
   __syncthreads();
-
+  return wide;
 }
 
-// Steps 6-7 for this lane's two rows t0 = pos0 - (b*h*S offset), t0 + 8 of an m16 x (8 NT) tile:
-// acc holds the numerator (mma accumulator layout), nsum the row sums (reduced over the quad).
-template <typename T, int NT>
-__device__ __forceinline__ void store_outputs(const HintraParams& p, const float* acc, float nsum0,
-                                              float nsum1, float m0, float m1, int64_t pos0,
-                                              bool ok0, bool ok1, int dv0, bool write_nm) {
+// One query row of a lane, as step 5 needs it.
+struct RowGate {
+  int t;    // row inside the chunk
+  float a;  // row_a
+};
+__device__ __forceinline__ RowGate row_gate(const GateScratch& gs, const Tile& tile, int r) {
+  return {tile.row0 + r, gs.row_a[r]};
+}
+
+// Step 5 for 64 keys kb0..kb0+63 on this lane's rows r0 (accumulator elements 0, 1) and r1
+// (elements 2, 3): x holds q.k in the mma accumulator layout (8 n-tiles of 8 keys; element e of
+// tile nt is key kb0 + 8 nt + 2 tq + (e & 1)) and becomes w = qk_scale (q.k) exp(D - F), zero
+// where s > t (selected, never multiplied: a later row's NaN stays out). Adds w to the row sums.
+template <bool kWide>
+__device__ __forceinline__ void weigh_scores(float* x, int kb0, int row_end, const RowGate& r0,
+                                             const RowGate& r1, const GateScratch& gs, float qk_scale,
+                                             float& rowsum0, float& rowsum1) {
   const int tq = threadIdx.x % 4;
-  const float den0 = fmaxf(fabsf(nsum0), expf(-m0));
-  const float den1 = fmaxf(fabsf(nsum1), expf(-m1));
-  const float inv0 = 1.f / (den0 + p.eps), inv1 = 1.f / (den1 + p.eps);
-  const int64_t pos1 = pos0 + 8;
-  T* H = static_cast<T*>(p.H);
-  const bool pairs = (p.DHHV % 2) == 0;  // a column pair is then in range as a whole, aligned
+  const bool ok0 = r0.t < row_end, ok1 = r1.t < row_end;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int col = dv0 + nt * 8 + 2 * tq;
-    const float* a = acc + 4 * nt;
-    if (col >= p.DHHV) continue;
-    if (pairs) {
-      if constexpr (std::is_same_v<T, float>) {
-        if (ok0) *reinterpret_cast<float2*>(H + pos0 * p.DHHV + col) = make_float2(a[0] * inv0, a[1] * inv0);
-        if (ok1) *reinterpret_cast<float2*>(H + pos1 * p.DHHV + col) = make_float2(a[2] * inv1, a[3] * inv1);
-      } else {
-        if (ok0) *reinterpret_cast<uint32_t*>(H + pos0 * p.DHHV + col) = pack2<T>(a[0] * inv0, a[1] * inv0);
-        if (ok1) *reinterpret_cast<uint32_t*>(H + pos1 * p.DHHV + col) = pack2<T>(a[2] * inv1, a[3] * inv1);
-      }
+  for (int nt = 0; nt < 8; ++nt) {
+    const int s = kb0 + nt * 8 + 2 * tq;
+    float e[4];
+    if constexpr (kWide) {
+      // log2e bg[t] sits in col_b[t]; rows past the chunk read a harmless in-bounds value.
+      const float bt0 = gs.col_b[r0.t], bt1 = gs.col_b[r1.t];
+      const float c0 = gs.col_a[s], c1 = gs.col_a[s + 1], b0 = gs.col_b[s], b1 = gs.col_b[s + 1];
+      e[0] = ((bt0 - b0) + c0) + r0.a, e[1] = ((bt0 - b1) + c1) + r0.a;
+      e[2] = ((bt1 - b0) + c0) + r1.a, e[3] = ((bt1 - b1) + c1) + r1.a;
     } else {
-      const bool two = col + 1 < p.DHHV;
-      if (ok0) {
-        H[pos0 * p.DHHV + col] = from_float<T>(a[0] * inv0);
-        if (two) H[pos0 * p.DHHV + col + 1] = from_float<T>(a[1] * inv0);
-      }
-      if (ok1) {
-        H[pos1 * p.DHHV + col] = from_float<T>(a[2] * inv1);
-        if (two) H[pos1 * p.DHHV + col + 1] = from_float<T>(a[3] * inv1);
-      }
+      const float c0 = gs.col_a[s], c1 = gs.col_a[s + 1];
+      e[0] = r0.a + c0, e[1] = r0.a + c1, e[2] = r1.a + c0, e[3] = r1.a + c1;
     }
+    float* y = x + 4 * nt;
+    y[0] = (s <= r0.t && ok0) ? qk_scale * y[0] * fast_exp2(e[0]) : 0.f;
+    y[1] = (s + 1 <= r0.t && ok0) ? qk_scale * y[1] * fast_exp2(e[1]) : 0.f;
+    y[2] = (s <= r1.t && ok1) ? qk_scale * y[2] * fast_exp2(e[2]) : 0.f;
+    y[3] = (s + 1 <= r1.t && ok1) ? qk_scale * y[3] * fast_exp2(e[3]) : 0.f;
+    rowsum0 += y[0] + y[1];
+    rowsum1 += y[2] + y[3];
   }
-  if (write_nm && tq == 0) {
-    if (ok0) p.vecN[pos0] = den0, p.vecM[pos0] = m0;
-    if (ok1) p.vecN[pos1] = den1, p.vecM[pos1] = m1;
+}
+
+// Steps 6-7 for one row, in the shifted frame: nsum is sum w + g q.n (times e^delta), so
+// den' = max(|nsum|, e^(delta - m)), H = num / (den' + eps e^delta) and SPEC's den = den' e^-delta.
+struct RowNorm {
+  float inv;  // 1 / (den' + eps e^delta)
+  float den;  // vecN
+};
+__device__ __forceinline__ RowNorm row_normaliser(float nsum, float m, float delta, float eps) {
+  const float den_f = nan_max(fabsf(nsum), expf(delta - m));
+  return {1.f / (den_f + eps * expf(delta)), den_f * expf(-delta)};
+}
+
+// A tile whose outputs came out non-finite is recomputed element by element, summing keys s <= t
+// only: the tensor-core products multiply masked weights (zeros) by later rows of V too, and
+// 0 * NaN would leak a later row's NaN or Inf into earlier rows. Rare (non-finite inputs or
+// overflow), so plain float32 arithmetic from global memory, in the same frame as the main path.
+template <typename T>
+__device__ __forceinline__ void recompute_tile_exactly(const HintraParams& p, const Tile& tile,
+                                                    const GateScratch& gs, bool wide, int bdv) {
+  const T* q = static_cast<const T*>(p.q) + tile.b * p.q_sb + tile.h * p.q_sh + tile.s0 * p.q_ss;
+  const T* k = static_cast<const T*>(p.k) + tile.b * p.k_sb + tile.h * p.k_sh + tile.s0 * p.k_ss;
+  const T* v = static_cast<const T*>(p.v) + tile.b * p.v_sb + tile.h * p.v_sh + tile.s0 * p.v_ss;
+  const float* C = p.C + tile.b * p.C_sb + tile.h * p.C_sh + (int64_t)tile.chunk * p.DHQK * p.C_sr;
+  T* H = static_cast<T*>(p.H) + (tile.bh * p.S + tile.s0) * p.DHHV;
+  const int cols = min(bdv, tile.dv_valid);
+  for (int idx = threadIdx.x; idx < tile.rows_valid * cols; idx += blockDim.x) {
+    const int r = idx / cols, col = tile.dv0 + idx % cols, t = tile.row0 + r;
+    const T* qt = q + t * p.q_ss;
+    float qc = 0.f;
+    for (int d = 0; d < p.DHQK; ++d) qc = fmaf(to_float(qt[d]), C[d * p.C_sr + col], qc);
+    float num = gs.row_g[r] * qc;
+    const float ra = gs.row_a[r], bt = gs.col_b[t];
+    for (int s = 0; s <= t; ++s) {
+      float qk = 0.f;
+      for (int d = 0; d < p.DHQK; ++d) qk = fmaf(to_float(qt[d]), to_float(k[s * p.k_ss + d]), qk);
+      const float e = wide ? ((bt - gs.col_b[s]) + gs.col_a[s]) + ra : ra + gs.col_a[s];
+      num = fmaf(p.qk_scale * qk * exp2f(e), to_float(v[s * p.v_ss + col]), num);
+    }
+    H[t * p.DHHV + col] = from_float<T>(num * gs.row_inv[r]);
   }
 }
 

@@ -1,5 +1,5 @@
 // The H-step kernel for 16-bit inputs on Hopper (sm_90a). Same tiles and arithmetic as
-// hintra_kernel.cuh (one block per (batch*head, chunk, 64 query rows, BDV columns of DHHV), gates
+// hintra_sm80.cuh (one block per (batch*head, chunk, 64 query rows, BDV columns of DHHV), gates
 // and stabiliser from stage_gates, one float accumulator), but the three products are warpgroup
 // MMAs (wgmma) issued once for the whole 64-row tile instead of per warp and per 8 columns:
 //
@@ -17,77 +17,7 @@
 #include "cuda/hintra_common.cuh"
 #include "cuda/wgmma.cuh"
 
-// Depth of the float32 C landing ring (16 rows of C per stage) and blocks per SM for the
-// register budget; see benchmarks/NOTES.md.
-#ifndef MLSTM_EXT_SM90_STAGES
-#define MLSTM_EXT_SM90_STAGES 4
-#endif
-#ifndef MLSTM_EXT_SM90_MINB
-#define MLSTM_EXT_SM90_MINB 3
-#endif
-
 namespace mlstm::cuda {
-
-template <typename T_, int BDV>
-struct Sm90Traits {
-  using T = T_;
-  static constexpr bool kF16 = std::is_same_v<T, __half>;
-  static constexpr int kThreads = 128;  // one warpgroup
-  static constexpr int kRows = 64;      // query rows per block = wgmma M
-  static constexpr int kKeys = 64;      // keys per causal block = N of Q K^T
-  static constexpr int kBDV = BDV;      // DHHV columns per block
-  static constexpr int kNW = BDV + 8;   // columns of the Q C product: C, then n, then 7 zeros
-  static constexpr int kCRows = 16;     // C rows per stage = one wgmma k step
-  static constexpr int kStages = MLSTM_EXT_SM90_STAGES;
-  static constexpr int kMinBlocks = MLSTM_EXT_SM90_MINB;
-  static constexpr int kCPieces = kCRows * BDV / 4;  // float4 pieces of one C stage
-  static_assert(kCPieces % kThreads == 0, "C stage must split evenly over the threads");
-};
-
-struct Sm90Layout {
-  int dqk_pad;     // DHQK rounded up to two wgmma k steps (32)
-  int q_off;       // Q tile, core-matrix layout (K-major)
-  int land_off;    // C landing ring (phase 1) ...
-  int kt_off;      // ... shared with the K and V tiles (phase 2) and the H tile (epilogue)
-  int vt_off;
-  int hl_off;      // C_hi / C_lo of two stages
-  int gate_off, row_off, bytes;
-  int land_row;    // bytes of one landing row: BDV floats + 16 (keeps row-wise reads conflict-free)
-  int land_stage;  // bytes of one landing stage: kCRows rows, then kCRows floats of n
-  int hl_half;     // bytes of one of C_hi / C_lo of one stage
-  int h_row;       // bytes of one row of the staged H tile
-};
-
-// K and V reuse the landing ring once phase 1 is done with it (giving them their own region, to
-// copy them early, costs a resident block per SM and measured slower: benchmarks/NOTES.md).
-template <class Tr>
-__host__ __device__ inline Sm90Layout make_sm90_layout(int DHQK, int L) {
-  Sm90Layout s;
-  s.dqk_pad = round_up(DHQK, 32);  // even number of 16-wide k steps and 16-byte chunks
-  int off = 0;
-  s.q_off = off;
-  off += round_up(Tr::kRows * s.dqk_pad * 2, 128);
-  s.land_off = off;
-  s.land_row = Tr::kBDV * 4 + 16;
-  s.land_stage = Tr::kCRows * s.land_row + Tr::kCRows * 4;
-  const int land = Tr::kStages * s.land_stage;
-  const int kv = Tr::kKeys * s.dqk_pad * 2 + Tr::kKeys * Tr::kBDV * 2;
-  s.h_row = (Tr::kBDV + 8) * 2;
-  const int ht = Tr::kRows * s.h_row + 2 * Tr::kRows * 4;  // H tile + vecN, vecM (epilogue)
-  int stream = land > ht ? land : ht;
-  stream = stream > kv ? stream : kv;
-  s.kt_off = off;
-  s.vt_off = s.kt_off + Tr::kKeys * s.dqk_pad * 2;
-  s.hl_off = off + round_up(stream, 128);
-  s.hl_half = Tr::kCRows * Tr::kNW * 2;
-  off = s.hl_off + 4 * s.hl_half;
-  s.gate_off = off;
-  off += 3 * round_up(L, Tr::kKeys) * 4;
-  s.row_off = off;
-  off += 3 * Tr::kRows * 4;
-  s.bytes = off;
-  return s;
-}
 
 // Byte offset of element (r, c) of a tile with `chunks` 16-byte chunks per row in the core-matrix
 // layout: 8 rows x 16 bytes contiguous, the chunks of one 8-row group side by side.
@@ -141,26 +71,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   extern __shared__ __align__(128) unsigned char smem_sm90[];
   unsigned char* smem = smem_sm90;
   const Sm90Layout lay = make_sm90_layout<Tr>(p.DHQK, p.L);
-  const int gate_len = round_up(p.L, Tr::kKeys);
-  float* sBG = reinterpret_cast<float*>(smem + lay.gate_off);
-  float* sColB = sBG + gate_len;
-  float* sPM = sColB + gate_len;
-  float* sRowA = reinterpret_cast<float*>(smem + lay.row_off);
-  float* sG = sRowA + Tr::kRows;
-  float* sM = sG + Tr::kRows;
+  const GateScratch gs = gate_scratch(smem, lay.gate_off, lay.row_off, round_up(p.L, Tr::kKeys), Tr::kRows);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, tq = lane % 4;
 
-  const TileIndex tile = tile_index(p);
-  const int dvt = tile.dvt, qt = tile.qt, chunk = tile.chunk;
-  const int64_t bh = tile.bh, b = tile.b, h = tile.h;
-  const int row0 = qt * Tr::kRows;
-  const int rows_valid = min(Tr::kRows, p.L - row0);
-  const int row_end = row0 + rows_valid;
-  const int dv0 = dvt * BDV;
-  const int dv_valid = p.DHHV - dv0;
-  const int64_t s0 = (int64_t)chunk * p.L;
+  const Tile tile = tile_of_block(p, Tr::kRows, BDV);
+  const int dvt = tile.dvt, chunk = tile.chunk;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, s0 = tile.s0;
+  const int row0 = tile.row0, rows_valid = tile.rows_valid, row_end = tile.row_end;
+  const int dv0 = tile.dv0, dv_valid = tile.dv_valid;
   const int DQKp = lay.dqk_pad;
   const int wr = warp * 16;
   // Q tile -> shared memory, core-matrix layout: A of Q K^T from shared memory, ldmatrix for Q C.
@@ -246,7 +166,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     cp_async_commit();
   }
 
-  stage_gates<Tr::kRows>(p, b, h, chunk, row0, row_end, sBG, sColB, sPM, sRowA, sG, sM);
+  const bool wide = stage_gates<Tr::kRows>(p, tile, gs);
 
   float acc[NW / 2];
 #pragma unroll
@@ -296,7 +216,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   sm90::fence_regs(qa);
   sm90::fence_regs(qlo);
   {
-    const float g0 = sG[wr + g], g1 = sG[wr + g + 8];
+    const float g0 = gs.row_g[wr + g], g1 = gs.row_g[wr + g + 8];
 #pragma unroll
     for (int j = 0; j < NW / 8; ++j) {
       acc[4 * j] *= g0, acc[4 * j + 1] *= g0, acc[4 * j + 2] *= g1, acc[4 * j + 3] *= g1;
@@ -304,8 +224,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   }
 
   float rowsum0 = 0.f, rowsum1 = 0.f;
-  const int t0 = row0 + wr + g, t1 = t0 + 8;  // this lane's two query rows (in-chunk)
-  const float ra0 = sRowA[wr + g], ra1 = sRowA[wr + g + 8];
+  const RowGate r0 = row_gate(gs, tile, wr + g), r1 = row_gate(gs, tile, wr + g + 8);
   const int n_kb = (row_end + Tr::kKeys - 1) / Tr::kKeys;
   const int n_ks = DQKp / 16;
   const uint32_t kQSbo = q_chunks * 128;  // next 8 rows of Q / keys of K (same width)
@@ -335,18 +254,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     sm90::wgmma_wait<0>();
     sm90::fence_regs(sacc);
 
-    // Step 5: w = qk_scale * (q.k) * exp(D - m), causal; row sums before any rounding.
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int s = kb0 + nt * 8 + 2 * tq;
-      const float cb0 = sColB[s], cb1 = sColB[s + 1];
-      float* x = sacc + 4 * nt;
-      x[0] = (s <= t0 && t0 < row_end) ? p.qk_scale * x[0] * fast_exp2(ra0 + cb0) : 0.f;
-      x[1] = (s + 1 <= t0 && t0 < row_end) ? p.qk_scale * x[1] * fast_exp2(ra0 + cb1) : 0.f;
-      x[2] = (s <= t1 && t1 < row_end) ? p.qk_scale * x[2] * fast_exp2(ra1 + cb0) : 0.f;
-      x[3] = (s + 1 <= t1 && t1 < row_end) ? p.qk_scale * x[3] * fast_exp2(ra1 + cb1) : 0.f;
-      rowsum0 += x[0] + x[1];
-      rowsum1 += x[2] + x[3];
+    // Step 5: w = qk_scale * (q.k) * exp(D - F), causal; row sums before any rounding.
+    if (wide) {
+      weigh_scores<true>(sacc, kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
+    } else {
+      weigh_scores<false>(sacc, kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
     }
     // acc += W V: the score accumulators of keys 16kt..16kt+15 are an A fragment as they stand
     // (all four k steps, also past the diagonal, where W is zero).
@@ -372,18 +284,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   // ---- Steps 6-7. q . n is column BDV of the Q C product (already times g). H goes through
   // shared memory so that global stores are whole 16-byte pieces of rows; vecN / vecM too.
-  float qn0 = acc[4 * NT] + acc[4 * NT + 1], qn1 = acc[4 * NT + 2] + acc[4 * NT + 3];
+  const float qn0 = quad_sum(acc[4 * NT] + acc[4 * NT + 1]), qn1 = quad_sum(acc[4 * NT + 2] + acc[4 * NT + 3]);
+  rowsum0 = quad_sum(rowsum0), rowsum1 = quad_sum(rowsum1);
+  const int ra = wr + g, rb = ra + 8;
+  const float m0 = gs.row_m[ra], m1 = gs.row_m[rb];
+  const RowNorm n0 = row_normaliser(rowsum0 + qn0, m0, gs.row_d[ra], p.eps);
+  const RowNorm n1 = row_normaliser(rowsum1 + qn1, m1, gs.row_d[rb], p.eps);
+  const float inv0 = n0.inv, inv1 = n1.inv;
+  bool bad = false;
 #pragma unroll
-  for (int off = 1; off < 4; off *= 2) {
-    rowsum0 += __shfl_xor_sync(0xffffffffu, rowsum0, off);
-    rowsum1 += __shfl_xor_sync(0xffffffffu, rowsum1, off);
-    qn0 += __shfl_xor_sync(0xffffffffu, qn0, off);
-    qn1 += __shfl_xor_sync(0xffffffffu, qn1, off);
-  }
-  const float m0 = sM[wr + g], m1 = sM[wr + g + 8];
-  const float den0 = fmaxf(fabsf(rowsum0 + qn0), expf(-m0));
-  const float den1 = fmaxf(fabsf(rowsum1 + qn1), expf(-m1));
-  const float inv0 = 1.f / (den0 + p.eps), inv1 = 1.f / (den1 + p.eps);
+  for (int i = 0; i < 4 * NT; ++i) bad |= !isfinite(acc[i]);
+  if (tq == 0) gs.row_inv[ra] = inv0, gs.row_inv[rb] = inv1;
   unsigned char* sH = smem + lay.land_off;  // the landing ring / K / V region, done with
   float* sDen = reinterpret_cast<float*>(sH + Tr::kRows * lay.h_row);
   __syncthreads();  // every warp is done with K and V
@@ -395,7 +306,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     *reinterpret_cast<uint32_t*>(sH + (wr + g + 8) * lay.h_row + col * 2) = pack2<T>(a[2] * inv1, a[3] * inv1);
   }
   if (tq == 0) {
-    sDen[wr + g] = den0, sDen[wr + g + 8] = den1;
+    sDen[wr + g] = n0.den, sDen[wr + g + 8] = n1.den;
     sDen[Tr::kRows + wr + g] = m0, sDen[Tr::kRows + wr + g + 8] = m1;
   }
   __syncthreads();
@@ -419,6 +330,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       out[bh * p.S + s0 + row0 + r] = sDen[threadIdx.x];
     }
   }
+  if (__syncthreads_or(bad)) recompute_tile_exactly<T>(p, tile, gs, wide, BDV);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

@@ -1,9 +1,6 @@
-// The CUDA H-step kernel (SPEC.md steps 1-7), one block per
-// (batch*head, chunk, tile of up to 64 query rows, tile of BDV columns of DHHV).
-//
-// The stabiliser needs no running max: D[t, s] - m[t] = (bg[t] - m[t]) + (i[s] - bg[s]), and
-// m_intra[t] = max(-10, bg[t] + max_{s<=t}(i[s] - bg[s])) is a prefix max over the gates alone.
-// So m is known before any product, and one float accumulator per output element collects
+// The sm_80 main loop of the H step (mma.sync; runs on sm_80 and later), one block per
+// (batch*head, chunk, tile of up to 64 query rows, tile of BDV columns of DHHV). With the gates
+// and stabiliser staged first (hintra_common.cuh), one float accumulator per output collects
 //   g[t] * (q_t C_k)          (phase 1, tf32 / 3xtf32 tensor cores, C read at full float32 width)
 // + sum_s w[t, s] v_s         (phase 2, 16-bit tensor cores or 3xtf32 for float32 inputs)
 // with no rescaling. Each warp owns 16 query rows; Q stays in shared memory for both phases.
@@ -15,11 +12,54 @@
 
 namespace mlstm::cuda {
 
+// Step 7 for this lane's two rows pos0 (global row index into B*NH*S) and pos0 + 8 of an
+// m16 x (8 NT) tile, straight from the mma accumulator layout (acc holds the numerator).
+template <typename T, int NT>
+__device__ __forceinline__ void store_outputs(const HintraParams& p, const float* acc, RowNorm n0,
+                                              RowNorm n1, float m0, float m1, int64_t pos0,
+                                              bool ok0, bool ok1, int dv0, bool write_nm) {
+  const int tq = threadIdx.x % 4;
+  const float inv0 = n0.inv, inv1 = n1.inv;
+  const int64_t pos1 = pos0 + 8;
+  T* H = static_cast<T*>(p.H);
+  const bool pairs = (p.DHHV % 2) == 0;  // a column pair is then in range as a whole, aligned
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = dv0 + nt * 8 + 2 * tq;
+    const float* a = acc + 4 * nt;
+    if (col >= p.DHHV) continue;
+    if (pairs) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (ok0) *reinterpret_cast<float2*>(H + pos0 * p.DHHV + col) = make_float2(a[0] * inv0, a[1] * inv0);
+        if (ok1) *reinterpret_cast<float2*>(H + pos1 * p.DHHV + col) = make_float2(a[2] * inv1, a[3] * inv1);
+      } else {
+        if (ok0) *reinterpret_cast<uint32_t*>(H + pos0 * p.DHHV + col) = pack2<T>(a[0] * inv0, a[1] * inv0);
+        if (ok1) *reinterpret_cast<uint32_t*>(H + pos1 * p.DHHV + col) = pack2<T>(a[2] * inv1, a[3] * inv1);
+      }
+    } else {
+      const bool two = col + 1 < p.DHHV;
+      if (ok0) {
+        H[pos0 * p.DHHV + col] = from_float<T>(a[0] * inv0);
+        if (two) H[pos0 * p.DHHV + col + 1] = from_float<T>(a[1] * inv0);
+      }
+      if (ok1) {
+        H[pos1 * p.DHHV + col] = from_float<T>(a[2] * inv1);
+        if (two) H[pos1 * p.DHHV + col + 1] = from_float<T>(a[3] * inv1);
+      }
+    }
+  }
+  if (write_nm && tq == 0) {
+    if (ok0) p.vecN[pos0] = n0.den, p.vecM[pos0] = m0;
+    if (ok1) p.vecN[pos1] = n1.den, p.vecM[pos1] = m1;
+  }
+}
+
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(const HintraParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kernel(const HintraParams p) {
   using T = typename Tr::T;
   constexpr int NT = Tr::kBDV / 8;  // n-tiles of the output accumulator
   constexpr int KT = Tr::kBKV / 8;  // n-tiles of the score accumulator
+  static_assert(KT == 8, "weigh_scores takes 64 keys at a time");
   extern __shared__ __align__(16) unsigned char smem[];
   const SmemLayout lay = make_smem_layout<Tr>(p.DHQK, p.L);
   T* sQ = reinterpret_cast<T*>(smem + lay.q_off);
@@ -27,27 +67,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(co
   T* sV = reinterpret_cast<T*>(smem + lay.v_off);
   float* sC = reinterpret_cast<float*>(smem + lay.c_off);
   float* sN = reinterpret_cast<float*>(smem + lay.n_off);
-  const int gate_len = round_up(p.L, Tr::kBKV);
-  float* sBG = reinterpret_cast<float*>(smem + lay.gate_off);
-  float* sColB = sBG + gate_len;  // log2e * (i[s] - bg[s])
-  float* sPM = sColB + gate_len;  // prefix max of (i - bg)
-  float* sRowA = reinterpret_cast<float*>(smem + lay.row_off);  // log2e * (bg[t] - m[t])
-  float* sG = sRowA + Tr::kBLQ;                                  // qk_scale * exp(bg + m_prev - m)
-  float* sM = sG + Tr::kBLQ;
+  const GateScratch gs = gate_scratch(smem, lay.gate_off, lay.row_off, round_up(p.L, Tr::kBKV), Tr::kBLQ);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, tq = lane % 4;
 
-  const TileIndex tile = tile_index(p);
-  const int dvt = tile.dvt, qt = tile.qt, chunk = tile.chunk;
-  const int64_t bh = tile.bh, b = tile.b, h = tile.h;
-  const int BLQ = p.rows_per_block;
-  const int row0 = qt * BLQ;  // first query row of the tile, inside the chunk
-  const int rows_valid = min(BLQ, p.L - row0);
-  const int row_end = row0 + rows_valid;  // keys 0..row_end-1 are needed
-  const int dv0 = dvt * Tr::kBDV;
-  const int dv_valid = p.DHHV - dv0;
-  const int64_t s0 = (int64_t)chunk * p.L;  // first sequence position of the chunk
+  const Tile tile = tile_of_block(p, p.rows_per_block, Tr::kBDV);
+  const int dvt = tile.dvt, row0 = tile.row0, rows_valid = tile.rows_valid, row_end = tile.row_end;
+  const int dv0 = tile.dv0, dv_valid = tile.dv_valid;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, s0 = tile.s0;
+  const int chunk = tile.chunk;
   const int DQKp = lay.dqk_pad;
 
   // Q tile -> shared memory (async; overlaps the gate arithmetic).
@@ -55,12 +84,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(co
   load_tile<T>(sQ, lay.sq, gQ, p.q_ss, Tr::kBLQ, DQKp, rows_valid, p.DHQK, p.q_vec);
   cp_async_commit();
 
-  stage_gates<Tr::kBLQ>(p, b, h, chunk, row0, row_end, sBG, sColB, sPM, sRowA, sG, sM);
+  const bool wide = stage_gates<Tr::kBLQ>(p, tile, gs);
 
   const int wr = warp * 16;  // warp's first row in the tile
   const bool warp_active = wr < rows_valid;
   const int warp_last_row = row0 + min(wr + 15, rows_valid - 1);  // in-chunk index
-  const float g0 = sG[wr + g], g1 = sG[wr + g + 8];
+  const float g0 = gs.row_g[wr + g], g1 = gs.row_g[wr + g + 8];
 
   float acc[NT][4];
 #pragma unroll
@@ -151,8 +180,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(co
 
   // ---- Phase 2, intra-chunk term over the causal key blocks. ----
   float rowsum0 = 0.f, rowsum1 = 0.f;
-  const int t0 = row0 + wr + g, t1 = t0 + 8;  // this lane's two query rows (in-chunk)
-  const float ra0 = sRowA[wr + g], ra1 = sRowA[wr + g + 8];
+  const RowGate r0 = row_gate(gs, tile, wr + g), r1 = row_gate(gs, tile, wr + g + 8);
   const int n_kb = (row_end + Tr::kBKV - 1) / Tr::kBKV;
   const int n_kk = (DQKp + Tr::kBKK - 1) / Tr::kBKK;
   const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + s0 * p.k_ss;
@@ -226,17 +254,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(co
     __syncthreads();
 
     if (warp_active) {
-      // Step 5: w = qk_scale * (q.k) * exp(D - m), causal; row sums before any rounding.
-#pragma unroll
-      for (int nt = 0; nt < KT; ++nt) {
-        const int s = kb0 + nt * 8 + 2 * tq;
-        const float cb0 = sColB[s], cb1 = sColB[s + 1];
-        sacc[nt][0] = (s <= t0 && t0 < row_end) ? p.qk_scale * sacc[nt][0] * fast_exp2(ra0 + cb0) : 0.f;
-        sacc[nt][1] = (s + 1 <= t0 && t0 < row_end) ? p.qk_scale * sacc[nt][1] * fast_exp2(ra0 + cb1) : 0.f;
-        sacc[nt][2] = (s <= t1 && t1 < row_end) ? p.qk_scale * sacc[nt][2] * fast_exp2(ra1 + cb0) : 0.f;
-        sacc[nt][3] = (s + 1 <= t1 && t1 < row_end) ? p.qk_scale * sacc[nt][3] * fast_exp2(ra1 + cb1) : 0.f;
-        rowsum0 += sacc[nt][0] + sacc[nt][1];
-        rowsum1 += sacc[nt][2] + sacc[nt][3];
+      // Step 5: w = qk_scale * (q.k) * exp(D - F), causal; row sums before any rounding.
+      if (wide) {
+        weigh_scores<true>(&sacc[0][0], kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
+      } else {
+        weigh_scores<false>(&sacc[0][0], kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
       }
       // acc += W V.
       if constexpr (Tr::kIsFloat) {
@@ -277,18 +299,23 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_kernel(co
     __syncthreads();  // sK / sV are refilled by the next key block
   }
 
-  // ---- Steps 6-7: normaliser and outputs. ----
-  if (!warp_active) return;
+  // ---- Steps 6-7: normaliser and outputs; a non-finite tile is recomputed exactly. ----
+  bool bad = false;
+  if (warp_active) {
+    rowsum0 = quad_sum(rowsum0), rowsum1 = quad_sum(rowsum1);
+    qn0 = quad_sum(qn0), qn1 = quad_sum(qn1);
+    const int ra = wr + g, rb = ra + 8;
+    const RowNorm n0 = row_normaliser(rowsum0 + g0 * qn0, gs.row_m[ra], gs.row_d[ra], p.eps);
+    const RowNorm n1 = row_normaliser(rowsum1 + g1 * qn1, gs.row_m[rb], gs.row_d[rb], p.eps);
+    if (tq == 0) gs.row_inv[ra] = n0.inv, gs.row_inv[rb] = n1.inv;
+    const int64_t pos0 = bh * p.S + s0 + r0.t;  // row index into (B*NH*S)
+    store_outputs<T, NT>(p, &acc[0][0], n0, n1, gs.row_m[ra], gs.row_m[rb], pos0, r0.t < row_end, r1.t < row_end,
+                         dv0, dvt == 0);
 #pragma unroll
-  for (int off = 1; off < 4; off *= 2) {
-    rowsum0 += __shfl_xor_sync(0xffffffffu, rowsum0, off);
-    rowsum1 += __shfl_xor_sync(0xffffffffu, rowsum1, off);
-    qn0 += __shfl_xor_sync(0xffffffffu, qn0, off);
-    qn1 += __shfl_xor_sync(0xffffffffu, qn1, off);
+    for (int i = 0; i < NT; ++i)
+      bad |= !(isfinite(acc[i][0]) && isfinite(acc[i][1]) && isfinite(acc[i][2]) && isfinite(acc[i][3]));
   }
-  const int64_t pos0 = bh * p.S + s0 + t0;  // row index into (B*NH*S)
-  store_outputs<T, NT>(p, &acc[0][0], rowsum0 + g0 * qn0, rowsum1 + g1 * qn1, sM[wr + g],
-                       sM[wr + g + 8], pos0, t0 < row_end, t1 < row_end, dv0, dvt == 0);
+  if (__syncthreads_or(bad)) recompute_tile_exactly<T>(p, tile, gs, wide, Tr::kBDV);
 }
 
 }  // namespace mlstm::cuda
