@@ -57,6 +57,15 @@ struct StatesParams {
   bool k_vec, v_vec; // rows 16-byte aligned: cp.async path
 };
 
+// Build-time knobs for A/B runs (benchmarks/ab_gpu.sh): ring depth and minimum resident blocks
+// per SM of the register budget. Each stage is ~18.5 KB; 2 stages + staging = ~55 KB per block.
+#ifndef MLSTM_EXT_STATES_STAGES
+#define MLSTM_EXT_STATES_STAGES 2
+#endif
+#ifndef MLSTM_EXT_STATES_MINB
+#define MLSTM_EXT_STATES_MINB 4
+#endif
+
 // The tile plan. A block of 4 warps holds a kBQK x kBHV tile of C (each warp 16 rows of DHQK,
 // all kBHV columns) and streams the sequence in steps of kBL positions (a chunk is
 // ceil(L / kBL) steps) through a kStages-deep cp.async ring. Row strides are padded by 8
@@ -72,16 +81,13 @@ struct StatesTraits {
   static constexpr int kBQK = 16 * kWarps;         // DHQK rows of C per block
   static constexpr int kBHV = 64;                  // DHHV columns of C per block
   static constexpr int kBL = kIsFloat ? 32 : 64;   // sequence positions per ring stage
-  static constexpr int kStages = 2;
+  static constexpr int kStages = MLSTM_EXT_STATES_STAGES;
   static constexpr int kKStep = kIsFloat ? 8 : 16; // k of one mma
   static constexpr int kSK = kBQK + 8;             // K stage row stride (elements)
   static constexpr int kSV = kBHV + 8;             // V stage row stride (elements)
   static constexpr int kSC = kBHV + 8;             // C staging row stride (floats)
   // Four blocks per SM: all 512 blocks of (8, 16, *, 128, 128, *) resident in one wave on an
   // H100 (132 SMs), which the ~55 KB of shared memory per block also allows.
-#ifndef MLSTM_EXT_STATES_MINB
-#define MLSTM_EXT_STATES_MINB 4
-#endif
   static constexpr int kMinBlocks = MLSTM_EXT_STATES_MINB;
 
   // Shared memory: kStages x {K tile, V tile, a[kBL], (g, max a)} | C staging (16 rows per warp).
@@ -91,6 +97,7 @@ struct StatesTraits {
   static constexpr int kStageBytes = kKBytes + kVBytes + kABytes + 16;
   static constexpr int kStagingOff = kStages * kStageBytes;
   static constexpr int kSmemBytes = kStagingOff + kBQK * kSC * 4;
+  static_assert(kStages >= 2, "a ring of at least two stages");
   static_assert(kKBytes % 16 == 0 && kVBytes % 16 == 0 && kABytes % 16 == 0 && kStageBytes % 16 == 0,
                 "16-byte aligned regions");
 };
