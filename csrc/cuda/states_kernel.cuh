@@ -75,8 +75,8 @@ __device__ __forceinline__ void stage_tile(T* s, int s_stride, const T* g, int64
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     } else if (vec && c + E <= cols_valid) {
       cp_async_16(dst, src, 16);
-    } else {
-#pragma unroll
+    } else {  // tails and unaligned rows only: kept rolled, so no per-element state lives on
+#pragma unroll 1
       for (int e = 0; e < E; ++e) dst[e] = (c + e < cols_valid) ? src[e] : from_float<T>(0.f);
     }
   }
@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
       stage_tile<T, Tr::kBL, Tr::kBHV, Tr::kThreads>(reinterpret_cast<T*>(st + Tr::kKBytes), Tr::kSV,
                                                      gV + t0 * p.v_ss, p.v_ss, rows, dv_valid, p.v_vec);
       float* sa = reinterpret_cast<float*>(st + Tr::kKBytes + Tr::kVBytes);
-      for (int r = tid; r < rows; r += Tr::kThreads) cp_async_4(sa + r, gA + t0 + r, 4);
+      if (tid < rows) cp_async_4(sa + tid, gA + t0 + tid, 4);  // rows <= kBL <= kThreads
       if (tid < 2) cp_async_4(sa + Tr::kBL + tid, reinterpret_cast<const float*>(gGM + ik) + tid, 4);
       ++issued;
       if (++ip == n_sub) ip = 0, ++ik;
@@ -241,8 +241,20 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
     }
 
     if (warp_active) {
-      // w[s] = exp(a[s] - m_{k+1}) for the step's valid positions, 0 on the zero-padded rows.
-      auto weight = [&](int s) { return s < rows ? expf(sa[s] - m) : 0.f; };
+      // w[s] = exp(a[s] - m_{k+1}) for the step's valid positions, 0 on the zero-padded rows:
+      // lane l computes w[l + 32q] once, fragments fetch theirs with a shuffle (a lane needs 4 of
+      // them per k-step, 8 lanes the same 4).
+      static_assert(Tr::kBL % 32 == 0 && Tr::kBL <= 64, "w held in one or two registers per lane");
+      float wl[Tr::kBL / 32];
+#pragma unroll
+      for (int q = 0; q < Tr::kBL / 32; ++q) {
+        const int s = q * 32 + lane;
+        wl[q] = s < rows ? expf(sa[s] - m) : 0.f;
+      }
+      // s / 32 is the same in every lane of one call (a k-step's positions never straddle 32).
+      auto weight = [&](int s) {
+        return __shfl_sync(0xffffffffu, s >= 32 ? wl[Tr::kBL / 32 - 1] : wl[0], s & 31);
+      };
       if constexpr (Tr::kIsFloat) {
         const int ksteps = (rows + 7) / 8;
 #pragma unroll 1

@@ -98,6 +98,7 @@ struct StatesTraits {
   static constexpr int kStagingOff = kStages * kStageBytes;
   static constexpr int kSmemBytes = kStagingOff + kBQK * kSC * 4;
   static_assert(kStages >= 2, "a ring of at least two stages");
+  static_assert(kBL <= kThreads, "one thread per position stages a[]");
   static_assert(kKBytes % 16 == 0 && kVBytes % 16 == 0 && kABytes % 16 == 0 && kStageBytes % 16 == 0,
                 "16-byte aligned regions");
 };
