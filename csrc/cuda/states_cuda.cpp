@@ -1,10 +1,103 @@
-// CUDA backend entry of mlstm::recurrent_fw_states (placeholder until the kernel lands).
+// CUDA backend entry of mlstm::recurrent_fw_states: device guard, current stream, input layout,
+// the two kernels (gates, then states; csrc/cuda/states_params.h describes them).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <climits>
+
+#include "cuda/states_params.h"
+#include "cuda/tensor_layout.h"
 #include "states.h"
 
 namespace mlstm {
 
-void states_cuda(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {
-  TORCH_CHECK(false, "recurrent_fw_states: the CUDA kernel is not built yet");
+void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all, at::Tensor& scaM_all) {
+  TORCH_CHECK(a.matK.scalar_type() != at::kDouble,
+              "recurrent_fw_states: float64 inputs run on the CPU only; got float64 matK on ",
+              a.matK.device(), " (pass CPU tensors, or float32, bfloat16 or float16 on CUDA)");
+  TORCH_CHECK(a.DHQK < INT_MAX && a.DHHV < INT_MAX && a.L < INT_MAX && a.NC < INT_MAX,
+              "recurrent_fw_states: DHQK, DHHV, chunk_size and S / chunk_size must each be below "
+              "2^31 on CUDA; got DHQK = ", num(a.DHQK), ", DHHV = ", num(a.DHHV), ", chunk_size = ",
+              num(a.L), ", NC = ", num(a.NC));
+  using Tiles = cuda::StatesTraits<float>;  // the tile shape is the same for every dtype
+  // The kernel counts its steps (NC * ceil(L / kBL); float32 has the shortest step) in an int.
+  TORCH_CHECK(a.NC * ((a.L + Tiles::kBL - 1) / Tiles::kBL) < INT_MAX,
+              "recurrent_fw_states: sequence too long for the CUDA kernel's step counter (S = ",
+              num(a.S), ", chunk_size = ", num(a.L), ")");
+  const c10::cuda::CUDAGuard guard(a.matK.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const at::Tensor k = cuda::unit_last_stride(a.matK), v = cuda::unit_last_stride(a.matV);
+  // Gates and initial states are float32 already (check_states_args), in the caller's strides.
+  const at::Tensor &vi = a.vecI, &vf = a.vecF;
+  const int64_t num_bh = a.B * a.NH;
+
+  // Kernel 1: a[s] and (g_k, max_s a[s]) for every chunk.
+  const auto f32 = a.matK.options().dtype(at::kFloat);
+  at::Tensor abuf = at::empty({num_bh, a.S}, f32);
+  at::Tensor gm = at::empty({num_bh, a.NC, 2}, f32);
+  if (num_bh * a.NC > 0) {
+    cuda::StatesGateParams g{};
+    g.igate = vi.data_ptr<float>();
+    g.i_sb = vi.stride(0), g.i_sh = vi.stride(1), g.i_ss = vi.stride(2);
+    g.fgate = vf.data_ptr<float>();
+    g.f_sb = vf.stride(0), g.f_sh = vf.stride(1), g.f_ss = vf.stride(2);
+    g.a = abuf.data_ptr<float>();
+    g.gm = reinterpret_cast<float2*>(gm.data_ptr<float>());
+    g.NH = a.NH;
+    g.S = a.S;
+    g.num_chunks = num_bh * a.NC;
+    g.L = static_cast<int>(a.L);
+    g.NC = static_cast<int>(a.NC);
+    cuda::launch_states_gates(g, stream);
+  }
+
+  // Kernel 2: the states.
+  cuda::StatesParams p{};
+  p.k = k.data_ptr();
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
+  p.v = v.data_ptr();
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+  p.a = abuf.data_ptr<float>();
+  p.gm = reinterpret_cast<const float2*>(gm.data_ptr<float>());
+  if (a.matC_initial.defined()) {
+    const at::Tensor& c = a.matC_initial;
+    p.C0 = c.data_ptr<float>();
+    p.C0_sb = c.stride(0), p.C0_sh = c.stride(1), p.C0_sr = c.stride(2), p.C0_sc = c.stride(3);
+  }
+  if (a.vecN_initial.defined()) {
+    const at::Tensor& n = a.vecN_initial;
+    p.n0 = n.data_ptr<float>();
+    p.n0_sb = n.stride(0), p.n0_sh = n.stride(1), p.n0_sr = n.stride(2);
+  }
+  if (a.scaM_initial.defined()) {  // (B, NH)
+    const at::Tensor& m = a.scaM_initial;
+    p.m0 = m.data_ptr<float>();
+    p.m0_sb = m.stride(0), p.m0_sh = m.stride(1);
+  }
+  // Outputs: allocated contiguous by the op.
+  TORCH_INTERNAL_ASSERT(matC_all.is_contiguous() && vecN_all.is_contiguous() && scaM_all.is_contiguous());
+  p.C = matC_all.data_ptr<float>();
+  p.n = vecN_all.data_ptr<float>();
+  p.m = scaM_all.data_ptr<float>();
+  p.NH = a.NH;
+  p.S = a.S;
+  p.DHQK = static_cast<int>(a.DHQK);
+  p.DHHV = static_cast<int>(a.DHHV);
+  p.L = static_cast<int>(a.L);
+  p.NC = static_cast<int>(a.NC);
+  // At least one tile each way: with DHQK = 0 or DHHV = 0 the block of tile (0, 0) still writes m.
+  p.n_qkt = static_cast<int>(std::max<int64_t>(1, (a.DHQK + Tiles::kBQK - 1) / Tiles::kBQK));
+  p.n_hvt = static_cast<int>(std::max<int64_t>(1, (a.DHHV + Tiles::kBHV - 1) / Tiles::kBHV));
+  p.k_vec = cuda::rows_aligned16(k, 2);
+  p.v_vec = cuda::rows_aligned16(v, 2);
+
+  switch (a.matK.scalar_type()) {
+    case at::kBFloat16: cuda::launch_states_bf16(p, num_bh, stream); break;
+    case at::kHalf: cuda::launch_states_fp16(p, num_bh, stream); break;
+    case at::kFloat: cuda::launch_states_fp32(p, num_bh, stream); break;
+    default: TORCH_CHECK(false, "recurrent_fw_states: unsupported dtype on CUDA: ", a.matK.scalar_type());
+  }
 }
 
 }  // namespace mlstm
