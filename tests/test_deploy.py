@@ -188,9 +188,9 @@ def run_model(cpp_build) -> Path:
     return cpp_build / "run_model"
 
 
-def run_example(exe: Path, *args, library=None) -> str:
+def run_example(exe: Path, *args) -> str:
     """Runs a C++ example (run_model or run_aoti) on the op library; its stdout."""
-    cmd = [str(exe), library or mlstm_ext.library_path(), *map(str, args)]
+    cmd = [str(exe), mlstm_ext.library_path(), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
     return r.stdout
