@@ -186,9 +186,6 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
       }
       mm = nan_max(bg + m_prev, m_intra);
       dd = fminf(kMaxShift, mm - m_intra);
-#ifdef MLSTM_ABL_NOSHIFT
-      dd = 0.f;
-#endif
       ra = (wide ? dd - mm : (bg - mm) + dd) * kLog2e;
       gg = p.qk_scale * expf((bg + m_prev - mm) + dd);
     }

@@ -84,12 +84,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kern
   load_tile<T>(sQ, lay.sq, gQ, p.q_ss, Tr::kBLQ, DQKp, rows_valid, p.DHQK, p.q_vec);
   cp_async_commit();
 
-  #ifdef MLSTM_ABL_NOWIDE
-  stage_gates<Tr::kBLQ>(p, tile, gs);
-  constexpr bool wide = false;
-#else
   const bool wide = stage_gates<Tr::kBLQ>(p, tile, gs);
-#endif
 
   const int wr = warp * 16;  // warp's first row in the tile
   const bool warp_active = wr < rows_valid;
@@ -325,9 +320,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kern
     for (int i = 0; i < NT; ++i)
       bad |= !(isfinite(acc[i][0]) && isfinite(acc[i][1]) && isfinite(acc[i][2]) && isfinite(acc[i][3]));
   }
-#ifndef MLSTM_ABL_NOFIX
   if (__syncthreads_or(bad)) recompute_tile_exactly<T>(p, tile, gs, wide, Tr::kBDV);
-#endif
 }
 
 }  // namespace mlstm::cuda

@@ -166,12 +166,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     cp_async_commit();
   }
 
-  #ifdef MLSTM_ABL_NOWIDE
-  stage_gates<Tr::kRows>(p, tile, gs);
-  constexpr bool wide = false;
-#else
   const bool wide = stage_gates<Tr::kRows>(p, tile, gs);
-#endif
 
   float acc[NW / 2];
 #pragma unroll
@@ -340,9 +335,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       out[bh * p.S + s0 + row0 + r] = sDen[threadIdx.x];
     }
   }
-#ifndef MLSTM_ABL_NOFIX
   if (__syncthreads_or(bad)) recompute_tile_exactly<T>(p, tile, gs, wide, BDV);
-#endif
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
