@@ -3,7 +3,11 @@
 - ``parallel_fw_hintra_reference``: the H step, materialising the (NC, L, L) gate matrix. Runs in
   any floating dtype (the tests use float64; the benchmarks time it as the "PyTorch eager" peer).
 - ``recurrent_fw_states``: the recurrent step that makes the chunk-border states the H step reads.
-- ``quadratic_mlstm``: the fully parallel mLSTM, the independent check of the chained pair.
+- ``chunkwise_fw_reference``: the whole forward (recurrent step, then the H step), differentiable,
+  with every stabiliser detached (SPEC.md, "Gradients"); the backward of ``chunkwise_fw``
+  (``mlstm_ext.autograd``) differentiates it.
+- ``quadratic_mlstm`` (tests/quadratic.py): the fully parallel mLSTM, the independent check of the
+  chained pair.
 
 All functions are TorchScript-able so that ``mlstm_ext.layer`` can use them in scripted models.
 """
@@ -28,9 +32,15 @@ def parallel_fw_hintra_reference(
     chunk_size: int = 64,
     eps: float = 1e-6,
     compute_dtype: Optional[torch.dtype] = None,
+    detach_m: bool = False,
+    detach_den: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC.md steps 1-7. Returns (matH, vecN, vecM) in ``compute_dtype`` (default: matQ's dtype
-    promoted to at least float32)."""
+    promoted to at least float32).
+
+    For autograd: ``detach_m`` makes the stabiliser m a constant (SPEC.md, "Gradients"; scaM_all
+    must then carry no gradient either), ``detach_den`` the denominator den too (the
+    "normaliser constant" convention)."""
     B, NH, S, DHQK = matQ.shape
     DHHV = matV.shape[-1]
     L = chunk_size
@@ -56,12 +66,16 @@ def parallel_fw_hintra_reference(
     D = D.masked_fill(~causal, float("-inf"))
     m_intra = torch.clamp(D.amax(dim=-1), min=MINIMUM_MAX_VAL)  # (B, NH, NC, L)
     m = torch.maximum(bg + m_prev, m_intra)
+    if detach_m:
+        m = m.detach()
 
     w = qk_scale * (q @ k.transpose(-1, -2)) * torch.exp(D - m.unsqueeze(-1))
     g = qk_scale * torch.exp(bg + m_prev - m)  # (B, NH, NC, L)
     num = w @ v + g.unsqueeze(-1) * (q @ C)
     nsum = w.sum(-1) + g * (q @ n.unsqueeze(-1)).squeeze(-1)
     den = torch.maximum(nsum.abs(), torch.exp(-m))
+    if detach_den:
+        den = den.detach()
     H = num / (den.unsqueeze(-1) + eps)
     return H.reshape(B, NH, S, DHHV), den.reshape(B, NH, S), m.reshape(B, NH, S)
 
@@ -76,9 +90,12 @@ def recurrent_fw_states(
     vecN_initial: Optional[torch.Tensor] = None,
     scaM_initial: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float32,
+    detach_m: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC.md's recurrent step. Returns the NC+1 border states
-    (matC_all (B, NH, (NC+1)*DHQK, DHHV), vecN_all (B, NH, (NC+1)*DHQK), scaM_all (B, NH, NC+1))."""
+    (matC_all (B, NH, (NC+1)*DHQK, DHHV), vecN_all (B, NH, (NC+1)*DHQK), scaM_all (B, NH, NC+1)).
+    ``scaM_initial`` may be (B, NH) or (B, NH, 1). ``detach_m``: the m states carry no gradient
+    (SPEC.md, "Gradients"); C and n are still differentiated through the gates."""
     B, NH, S, DHQK = matK.shape
     DHHV = matV.shape[-1]
     L = chunk_size
@@ -102,7 +119,9 @@ def recurrent_fw_states(
     if scaM_initial is None:
         m = torch.zeros(B, NH, dtype=dt, device=matK.device)
     else:
-        m = scaM_initial.to(dt)
+        m = scaM_initial.to(dt).reshape(B, NH)
+    if detach_m:
+        m = m.detach()
 
     Cs: List[torch.Tensor] = [C]
     ns: List[torch.Tensor] = [n]
@@ -111,6 +130,8 @@ def recurrent_fw_states(
         g = g_all[:, :, kk]
         a = a_all[:, :, kk]  # (B, NH, L)
         m_new = torch.maximum(g + m, a.amax(-1))
+        if detach_m:
+            m_new = m_new.detach()
         decay = torch.exp(g + m - m_new)
         wa = torch.exp(a - m_new.unsqueeze(-1))  # (B, NH, L)
         kw = k[:, :, kk] * wa.unsqueeze(-1)
@@ -124,3 +145,48 @@ def recurrent_fw_states(
     vecN_all = torch.stack(ns, dim=2).reshape(B, NH, (NC + 1) * DHQK)
     scaM_all = torch.stack(ms, dim=2)
     return matC_all, vecN_all, scaM_all
+
+
+def chunkwise_fw_reference(
+    matQ: torch.Tensor,
+    matK: torch.Tensor,
+    matV: torch.Tensor,
+    vecI: torch.Tensor,
+    vecF: torch.Tensor,
+    matC_initial: Optional[torch.Tensor] = None,
+    vecN_initial: Optional[torch.Tensor] = None,
+    scaM_initial: Optional[torch.Tensor] = None,
+    qk_scale: Optional[float] = None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    compute_dtype: torch.dtype = torch.float64,
+    grad_mode: str = "exact",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole chunkwise forward (SPEC.md, "The whole forward") in ``compute_dtype``, written for
+    torch.autograd: every m (states, H step, m_0) detached, and for ``grad_mode ==
+    "normaliser_constant"`` the denominator den as well. Its gradients are the ones SPEC.md
+    defines for ``chunkwise_fw`` in that convention.
+
+    Returns (matH (B, NH, S, DHHV), matC_last (B, NH, DHQK, DHHV), vecN_last (B, NH, DHQK),
+    scaM_last (B, NH)), all in ``compute_dtype``.
+
+    Cost: the recurrence is a loop over the NC chunks (batched over B and NH), the H step one
+    batched evaluation of every chunk, with (B, NH, NC, L, L) gate and score matrices; autograd
+    keeps the NC+1 states (twice: the loop's and the stacked copy) and a few (B, NH, S, L) matrices.
+    """
+    if grad_mode != "exact" and grad_mode != "normaliser_constant":
+        raise ValueError(
+            'chunkwise_fw_reference: grad_mode must be "exact" or "normaliser_constant", got "' + grad_mode + '"'
+        )
+    DHQK = matQ.shape[-1]
+    matC_all, vecN_all, scaM_all = recurrent_fw_states(
+        matK, matV, vecI, vecF, chunk_size, matC_initial, vecN_initial, scaM_initial,
+        compute_dtype=compute_dtype, detach_m=True,
+    )
+    matH, _, _ = parallel_fw_hintra_reference(
+        matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all, qk_scale=qk_scale,
+        chunk_size=chunk_size, eps=eps, compute_dtype=compute_dtype, detach_m=True,
+        detach_den=grad_mode == "normaliser_constant",
+    )
+    NC = scaM_all.shape[-1] - 1
+    return (matH, matC_all[:, :, NC * DHQK:], vecN_all[:, :, NC * DHQK:], scaM_all[:, :, NC])
