@@ -14,6 +14,10 @@ of matH, matC_last and vecN_last to ``torch.autograd.grad``:
 - Convention: ``grad_mode="exact"`` differentiates everything but the stabilisers m;
   ``"normaliser_constant"`` also holds the denominator den constant (the gradients of
   mlstm_kernels' custom and Triton backwards).
+- Last states: their gradients are taken with m_last held fixed. (C_last, n_last, m_last) is a
+  stabilised representation of C_last * exp(m_last), so this is what composes: a next call that
+  takes them as initial states holds m_initial fixed too, and the chained gradients equal those
+  of one call over the whole sequence (tests/test_autograd.py::test_chained_calls_match_one_call).
 - Compute dtype: float32 (float64 for float64 inputs); the gradients come back in each input's
   dtype.
 
@@ -36,7 +40,7 @@ tracking every allocation, tests/test_autograd.py::test_backward_peak_memory) st
 most 3.3 GB, all freed when the backward of this op returns. The states term dominates for large
 head dims; a larger chunk_size trades it for the L term.
 """
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import torch
 

@@ -145,6 +145,25 @@ def test_grads_vs_float64_step_reference(seed, grad_mode, init, dtype):
         assert_close(g, w, tol, f"d{name}")
 
 
+@pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
+def test_chained_calls_match_one_call(seed, grad_mode):
+    """Two calls, the second starting from the first's last states (with their gradients), give
+    the gradients of one call over the whole sequence: holding m fixed composes."""
+    qkvif, st = make_qkvif(2, 2, 32, 6, 10, F32, True, seed=seed)
+    xs1, xs2 = leaves(qkvif + st[:2]), leaves(qkvif + st[:2])
+    H = mlstm_ext.mlstm_chunkwise(*xs1[:5], xs1[5], xs1[6], st[2], chunk_size=8, grad_mode=grad_mode)
+    first, second = ([t[:, :, :16] for t in xs2[:5]], [t[:, :, 16:] for t in xs2[:5]])
+    Ha, (C, n, m) = mlstm_ext.mlstm_chunkwise(*first, xs2[5], xs2[6], st[2], return_last_states=True,
+                                              chunk_size=8, grad_mode=grad_mode)
+    Hb = mlstm_ext.mlstm_chunkwise(*second, C, n, m, chunk_size=8, grad_mode=grad_mode)
+    torch.testing.assert_close(torch.cat([Ha, Hb], 2), H, rtol=1e-5, atol=1e-6)
+    cots = cotangents((H,), seed)
+    one = grads_of((H,), xs1, cots)
+    two = grads_of((torch.cat([Ha, Hb], 2),), xs2, cots)
+    for name, a, b in zip(NAMES, two, one):
+        assert_close(a, b, 1e-5, f"d{name}")
+
+
 def test_grad_conventions_differ(seed):
     """The two conventions are really different (SPEC.md: q, k, i, f differ a lot, v agrees),
     so the tests above can tell them apart."""
