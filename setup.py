@@ -3,11 +3,20 @@ torch are present; a GPU is not needed to compile them).
 
 Build without build isolation, against the torch already installed:
     pip install --no-build-isolation -e .
+    pip wheel --no-build-isolation --no-deps .      (a binary wheel, for that torch only)
 Set MLSTM_EXT_CUDA=0 to skip the CUDA kernels, MLSTM_EXT_CUDA=1 to insist on them.
+
+Every build records the torch it compiled against in mlstm_ext/_build_info.py (see
+mlstm_ext/_build_check.py), and compiles into build/temp.* (also for `pip install -e .`, whose
+own temporary folder would be thrown away), so that a later build or wheel recompiles only what
+changed.
 """
 import glob
+import importlib.util
 import os
 import shutil
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -75,6 +84,44 @@ if WITH_CUDA:
 else:
     Ext = CppExtension
 
+
+def _load_build_check():
+    """mlstm_ext/_build_check.py on its own (importing the package would load the library)."""
+    path = os.path.join(HERE, "mlstm_ext", "_build_check.py")
+    spec = importlib.util.spec_from_file_location("_mlstm_ext_build_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build_check = _load_build_check()
+# Where the objects go, whatever the command: setuptools' own default for `setup.py build_ext` and
+# `pip wheel .`; `pip install -e .` would otherwise compile into a temporary folder.
+BUILD_TEMP = os.path.join(HERE, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = BUILD_TEMP  # ninja then rebuilds only what changed
+
+    def run(self):
+        super().run()
+        # Record what _C was compiled against, next to the _C this build made: in the source tree
+        # for in-place and editable builds, in build/lib (what a wheel packs) otherwise.
+        inplace = self.inplace or getattr(self, "editable_mode", False)
+        folder = os.path.join(HERE if inplace else self.build_lib, "mlstm_ext")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "_build_info.py")
+        text = _build_check.render(torch.__version__, torch.version.cuda, WITH_CUDA)
+        old = open(path, encoding="utf-8").read() if os.path.exists(path) else None
+        if old != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        print(f"mlstm_ext: built against torch {torch.__version__}, CUDA kernels: {WITH_CUDA}; "
+              f"recorded in {path}")
+
+
 ext = Ext(
     name="mlstm_ext._C",
     sources=sources,
@@ -87,12 +134,42 @@ ext = Ext(
     py_limited_api=True,
 )
 
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
 setup(
     name="mlstm_ext",
     version="0.1.0",
     description="Chunkwise mLSTM intra-chunk H step (xLSTM) as a compiled PyTorch operator",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license_expression="BSD-3-Clause",
+    license_files=["LICENSE"],
     packages=["mlstm_ext"],
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
+    cmdclass={"build_ext": BuildExt},
+    # The compiled library is C++ against libtorch's headers: it runs only with the torch release
+    # it was built against (the wheel is for that torch; pip never needs to install one: use
+    # --no-deps). The pin names the release without a variant label (2.14.1, not 2.14.1+cu130),
+    # which every variant of it satisfies; _build_check refuses a wrong variant at import.
+    install_requires=[f"torch=={_build_check.torch_release(torch.__version__)}"],
+    # torch 2.14's own floor. The library uses no Python C API at all (py_limited_api, and it is
+    # loaded with torch.ops.load_library), so one abi3 wheel serves every CPython from 3.10 on.
+    python_requires=">=3.10",
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    classifiers=[
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Programming Language :: Python :: 3.14",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
 )

@@ -1,32 +1,39 @@
 #!/usr/bin/env python3
-"""CPU benchmark: mlstm_ext's CPU kernel against the PyTorch eager reference (float32).
+"""CPU benchmark of mlstm_ext's ops against the PyTorch eager reference: the one CPU entry.
 
-    python benchmarks/bench_cpu.py [--out benchmarks/RESULTS_CPU.md] [--dtypes fp32,bf16]
-                                   [--budget 2.0] [--threads 1,2] [--shapes "2,4,1024,64,64,64"]
+    python benchmarks/bench_cpu.py [--quick] [--out benchmarks/RESULTS_CPU.md] [--ops hintra,states,forward]
+                                   [--dtypes fp32,bf16] [--threads 1,2] [--budget 2.0]
+                                   [--shapes "2,4,1024,64,64,64;1,4,2048,128,128,64"]
 
-For each shape (B, NH, S, DHQK, DHHV, L) it first checks the op against the float64 reference
-(relative-norm error of matH), then times the op and ``reference.parallel_fw_hintra_reference``
-(float32, the same call the tests use) with time.perf_counter: one warm-up call, then repeats until
---budget seconds (at least 3, at most 50), and reports the median. Inputs are N(0, 1) q, k, v, i,
-f = 3 + N(0, 1), states from the recurrent step. Writes a markdown table (with date, machine, torch
-version and the command) to --out and prints it. Each shape is timed with 1 thread and with
-torch's default thread count: on a small shared VM the multi-threaded eager reference can be
-several times slower than the single-threaded one (OpenMP barriers on busy vCPUs), so both are
-reported.
+For each op (parallel_fw_hintra, recurrent_fw_states, chunkwise_fw), shape (B, NH, S, DHQK, DHHV,
+L) and input dtype: first the check against float64 (relative-norm error of every output, PASS/FAIL
+against mlstm_ext.reference.TOLERANCES["cpu"]), then the op and its reference in float32 (the same
+call the tests use) timed with timing.wall_time (one warm-up call, median of 3..50 repeats within
+--budget seconds), with 1 thread and with torch's default count: on a small shared VM the
+multi-threaded eager reference can be several times slower than the single-threaded one (OpenMP
+barriers on busy vCPUs), so both are reported. Inputs: reference.random_inputs. --quick: the first
+shape, 0.5 s per measurement.
+
+Prints a markdown table (date, machine, torch, command) and writes it to --out (default
+$OUT/bench_cpu.md when $OUT is set). Exit code 1 when an op failed its check or raised.
 """
 import argparse
 import datetime
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+    sys.path.insert(1, REPO)  # mlstm_ext from this tree without installing it
+
+import torch
+
+import cases as cs
+import timing
+
+import mlstm_ext  # noqa: F401  (loads the op library)
 
 SHAPES = [
     (2, 4, 1024, 64, 64, 64),  # the headline shape
@@ -34,133 +41,142 @@ SHAPES = [
     (2, 4, 1024, 64, 64, 128),
     (1, 2, 1024, 256, 512, 64),
 ]
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-TOL = {"fp32": 2e-5, "bf16": 1e-2, "fp16": 2e-3}
+# name: (op, reference, output names)
+OPS = {
+    "hintra": (cs.hintra, cs.hintra_ref, cs.HSTEP_OUT),
+    "states": (cs.states, cs.states_ref, cs.STATES_OUT),
+    "forward": (cs.forward, cs.forward_ref, cs.FORWARD_OUT),
+}
+OP_NAMES = {"hintra": "parallel_fw_hintra", "states": "recurrent_fw_states", "forward": "chunkwise_fw"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(HERE, "RESULTS_CPU.md"))
-    p.add_argument("--dtypes", default="fp32", help="comma list of fp32,bf16,fp16 (input dtype "
-                   "of the op; the eager reference always runs in float32)")
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per measurement")
-    p.add_argument("--threads", default=None,
-                   help="comma list of torch thread counts to run each shape with (default: 1 and "
-                        "torch's default count, e.g. '1,2')")
-    p.add_argument("--shapes", default=None,
-                   help="semicolon list of B,NH,S,DHQK,DHHV,L (default: the built-in four)")
+    p.add_argument("--quick", action="store_true", help="the first shape, 0.5 s per measurement")
+    p.add_argument("--out", default=None, help="markdown output (default $OUT/bench_cpu.md if $OUT is set)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
+    p.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16, fp16 (the op's "
+                   "input dtype; the eager reference always computes in float32)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of repeats per measurement "
+                   "(default 2, --quick 0.5)")
+    p.add_argument("--threads", default=None, help="comma list of torch thread counts (default: 1 "
+                   "and torch's default count)")
+    p.add_argument("--shapes", default=None, help="semicolon list of B,NH,S,DHQK,DHHV,L")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def median_ms(fn, budget_s, min_reps=3, max_reps=50):
-    fn()  # warm-up
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), len(times)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    import torch
-    from mlstm_ext.__main__ import _cpu_name
-
-    import mlstm_ext
-    from mlstm_ext.__main__ import make_inputs, rel_norm_err
-    from mlstm_ext.reference import parallel_fw_hintra_reference
-
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
-    else:
-        thread_counts = sorted({1, default_threads})
-    shapes = SHAPES
+    args = p.parse_args(argv)
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for name, allowed in (("ops", OPS), ("dtypes", cs.DTYPES)):
+        bad = [x for x in getattr(args, name) if x not in allowed]
+        if bad:
+            p.error(f"unknown {name} {bad}; choose from {list(allowed)}")
     if args.shapes:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s.strip()]
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for d in dtypes:
-        if d not in DTYPES:
-            sys.exit(f"unknown dtype {d!r}; choose from {list(DTYPES)}")
+        args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s.strip()]
+    else:
+        args.shapes = SHAPES[:1] if args.quick else SHAPES
+    args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 2.0)
+    default = torch.get_num_threads()
+    args.threads = ([int(t) for t in args.threads.split(",") if t.strip()] if args.threads
+                    else sorted({1, default}))
+    return args
 
+
+def check(op_key: str, x, L: int, dtype: torch.dtype):
+    """(errors per output, ok) of one op against float64."""
+    op, reference, names = OPS[op_key]
+    tol_h, tol_f32 = cs.TOLERANCES["cpu"][dtype]
+    errs = [cs.ref.rel_norm_err(o, r) for o, r in zip(op(x, L), reference(x, L, torch.float64))]
+    ok = all(e <= (tol_h if n == "matH" else tol_f32) for e, n in zip(errs, names))
+    return errs, ok
+
+
+def measure(op_key: str, shape, dtype_name: str, args, gen) -> list:
+    """Rows (one per thread count) of one op at one shape and dtype."""
+    op, reference, _ = OPS[op_key]
+    L = shape[-1]
+    x = cs.ref.random_inputs(*shape, cs.DTYPES[dtype_name], "cpu", gen)
+    base = {"op": OP_NAMES[op_key], "shape": shape, "dtype": dtype_name}
+    try:
+        errs, ok = check(op_key, x, L, cs.DTYPES[dtype_name])
+    except Exception as e:
+        print(f"{OP_NAMES[op_key]:19} {str(shape):28} {dtype_name}: {type(e).__name__}: {e}", flush=True)
+        return [dict(base, error=f"{type(e).__name__}: {str(e).splitlines()[0]}", ok=False)]
+    rows = []
+    default = torch.get_num_threads()
+    for nt in args.threads:
+        torch.set_num_threads(nt)
+        t_op, n_op = timing.wall_time(lambda: op(x, L), args.budget)
+        t_ref, n_ref = timing.wall_time(lambda: reference(x, L, torch.float32), args.budget)
+        flops = cs.hstep_flops(cs.Case(*shape, dtype_name)) if op_key == "hintra" else None
+        rows.append(dict(base, threads=nt, errs=errs, ok=ok, t_op=t_op, n_op=n_op, t_ref=t_ref,
+                         n_ref=n_ref, gflops=flops and flops / (t_op * 1e-3) / 1e9))
+        print(f"{OP_NAMES[op_key]:19} {str(shape):28} {dtype_name} {nt:2} thr  op {t_op:9.3f} ms "
+              f"({n_op})  eager fp32 {t_ref:9.3f} ms ({n_ref})  x{t_ref / t_op:.2f}  "
+              f"max err {max(errs):.1e} {'PASS' if ok else 'FAIL'}", flush=True)
+    torch.set_num_threads(default)
+    return rows
+
+
+def markdown(rows, args, argv, load_before: str):
+    cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_cpu.py"] + (
+        sys.argv[1:] if argv is None else list(argv)))
+    lines = [
+        "# mlstm_ext CPU benchmark", "",
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores (torch default {torch.get_num_threads()} "
+        f"threads), {platform.system()} {platform.machine()}; load average before the run {load_before}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- command: `{cmd}`",
+        f"- timing: time.perf_counter, one warm-up call, median of 3..50 repeats (~{args.budget:g} s "
+        "each); inputs N(0,1) q/k/v/i, f = 3 + N(0,1), states from the recurrent step",
+        "- eager: the mlstm_ext.reference function of the op in float32; errors: relative norm "
+        "against float64, matH and the largest of the other outputs",
+        "- GFLOP/s (H step): per chunk 2*(L(L+1)/2)*(DHQK+DHHV) + 2*L*DHQK*DHHV, times B*NH*NC", "",
+    ]
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["op"], r["shape"], r["dtype"], "-", "-", "-", "-", "-", "FAIL: " + r["error"][:80]])
+            continue
+        errs = f"{r['errs'][0]:.1e} / {max(r['errs'][1:]):.1e} {'PASS' if r['ok'] else 'FAIL'}"
+        table.append([r["op"], r["shape"], r["dtype"], r["threads"], f"{r['t_op']:.3f}",
+                      f"{r['t_ref']:.3f}", f"{r['t_ref'] / r['t_op']:.2f}x",
+                      f"{r['gflops']:.1f}" if r["gflops"] else "-", errs])
+    head = ["op", "(B, NH, S, DHQK, DHHV, L)", "dtype", "threads", "op ms", "eager fp32 ms",
+            "speed-up", "GFLOP/s", "errors (first / rest)"]
+    return lines + timing.md_table(head, table, right_from=3)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         load_before = " ".join(open("/proc/loadavg").read().split()[:3])
     except OSError:
         load_before = "n/a"
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
-    failed = False
-    for shp in shapes:
-        B, NH, S, DQ, DV, L = shp
-        for dname in dtypes:
-            dt = getattr(torch, DTYPES[dname])
-            a = make_inputs(B, NH, S, DQ, DV, L, dt, "cpu", gen)
-            H, _, _ = mlstm_ext.parallel_fw_hintra(*a, chunk_size=L)
-            Hr, _, _ = parallel_fw_hintra_reference(*a, chunk_size=L, compute_dtype=torch.float64)
-            err = rel_norm_err(H, Hr)
-            ok = err <= TOL[dname]
-            failed |= not ok
-            del Hr
-            for nt in thread_counts:
-                torch.set_num_threads(nt)
-                t_op, n_op = median_ms(lambda: mlstm_ext.parallel_fw_hintra(*a, chunk_size=L),
-                                       args.budget)
-                t_ref, n_ref = median_ms(
-                    lambda: parallel_fw_hintra_reference(*a, chunk_size=L,
-                                                         compute_dtype=torch.float32),
-                    args.budget)
-                NC = S // L
-                flops = B * NH * NC * (2 * (L * (L + 1) // 2) * (DQ + DV) + 2 * L * DQ * DV)
-                row = dict(shape=shp, dtype=dname, threads=nt, err=err, ok=ok, t_op=t_op,
-                           n_op=n_op, t_ref=t_ref, n_ref=n_ref,
-                           gflops=flops / (t_op * 1e-3) / 1e9)
-                rows.append(row)
-                print(f"{str(shp):28} {dname} {nt:2} thr  op {t_op:9.3f} ms ({n_op} reps)  eager "
-                      f"fp32 {t_ref:9.3f} ms ({n_ref} reps)  x{t_ref / t_op:.2f}  err {err:.1e} "
-                      f"{'PASS' if ok else 'FAIL'}", flush=True)
-            torch.set_num_threads(default_threads)
-
-    cmd = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] + (
-        sys.argv[1:] if argv is None else list(argv)))
-    lines = [
-        "# mlstm_ext CPU benchmark",
-        "",
-        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {_cpu_name()}, {os.cpu_count()} cores (torch default {default_threads} "
-        f"threads), {platform.system()} {platform.machine()}; load average before the run "
-        f"{load_before}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- command: `{cmd}`",
-        "- timing: time.perf_counter, one warm-up call, median of repeats "
-        f"(>= 3, <= 50, ~{args.budget:g} s each); inputs N(0,1) q/k/v/i, f = 3 + N(0,1), "
-        "states from the recurrent step",
-        "- eager: `mlstm_ext.reference.parallel_fw_hintra_reference` in float32; "
-        "err: relative-norm error of the op's matH against the float64 reference",
-        "- GFLOP/s: per chunk 2*(L(L+1)/2)*(DHQK+DHHV) + 2*L*DHQK*DHHV, times B*NH*NC, "
-        "over the op's time",
-        "",
-        "| (B, NH, S, DHQK, DHHV, L) | dtype | threads | op ms | eager fp32 ms | speed-up "
-        "| op GFLOP/s | matH rel err |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['threads']} | {r['t_op']:.3f} | "
-                     f"{r['t_ref']:.3f} | "
-                     f"{r['t_ref'] / r['t_op']:.2f}x | {r['gflops']:.1f} | "
-                     f"{r['err']:.1e} {'PASS' if r['ok'] else 'FAIL'} |")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print()
-    print(text)
-    if args.out:
-        print(f"written to {args.out}")
-    return 1 if failed else 0
+    for op_key in args.ops:
+        for shape in args.shapes:
+            for dtype_name in args.dtypes:
+                rows += measure(op_key, shape, dtype_name, args, gen)
+    lines = markdown(rows, args, argv, load_before)
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_cpu.md") if os.environ.get("OUT") else None)
+    print("\n" + "\n".join(lines))
+    if out:
+        timing.write_text(out, lines)
+        print(f"written to {out}")
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

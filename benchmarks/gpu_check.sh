@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one script for a GPU call: install carried wheels, build the extension from source, run the
-# tests, compute-sanitizer, the main job and the benchmark. Run from anywhere:
+# tests, compute-sanitizer, the main job, the benchmark and an A/B of two builds. Run from anywhere:
 #
 #     bash benchmarks/gpu_check.sh
 #
@@ -11,12 +11,20 @@
 #   STAGES   stages to run, in this order (default "build test sanitize main bench"):
 #            build    pip install --no-build-isolation --no-deps -e . (MAX_JOBS=16, MLSTM_EXT_CUDA=1),
 #                     log in $OUT/build.log, ptxas resource usage in $OUT/ptxas_resource_usage.txt
-#            smoke    benchmarks/smoke_gpu.py: accuracy of both 16-bit kernels + quick timings
-#            test     pytest -q -x tests/test_cuda_op.py, then the rest of tests/ ($PYTEST_ARGS added)
-#            sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_case.py
+#            test     pytest -q tests (every test; $PYTEST_ARGS added)
+#            sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_case.py (every
+#                     op: the H step, the states, the whole forward)
 #            main     python3 -m mlstm_ext
-#            bench    benchmarks/bench_gpu.py --quick (BENCH=full: the full run; BENCH=check:
-#                     --check-only); $BENCH_ARGS added
+#            bench    benchmarks/bench_gpu.py --quick (BENCH=full: --full; BENCH=check:
+#                     --check-only); $BENCH_ARGS added (e.g. "--tables hstep")
+#            ab       A/B of the H step, old build against new: builds the tree in $AB_BASE (default
+#                     .ab_base: a copy of older sources in an ignored folder, e.g.
+#                     `mkdir -p .ab_base && git archive OLD_COMMIT | tar -x -C .ab_base`) with
+#                     `python setup.py build_ext --inplace` there ($AB_NVCC_FLAGS added to its nvcc
+#                     flags: an A/B of a -D knob on a copy of the current sources), and the current
+#                     tree the same way when the build stage did not run; then
+#                     benchmarks/bench_gpu.py --ab BASE_LIB,CURRENT_LIB ($AB_ARGS added, e.g.
+#                     "--full --rounds 5"); ab.md / ab.json in $OUT
 #   OUT      output folder (default /tmp/mlstm_gpu_out); logs, bench.md/.json/.png go there
 #   BENCH    quick (default) | full | check
 #   PTXAS_V  1 (default): build with NVCC_APPEND_FLAGS=-Xptxas=-v to record registers/spills
@@ -168,35 +176,19 @@ PYEOF
 }
 want build && run_stage build do_build
 
-# ------------------------------------------------------------------ smoke
-do_smoke() {
-    "$PY" benchmarks/smoke_gpu.py 2>&1 | tee "$OUT/smoke.log"
-}
-want smoke && run_stage smoke do_smoke
-
 # ------------------------------------------------------------------ tests
 pytest_rc_ok() {  # pytest exit 5 = no tests collected: not a failure here
     local rc=$1
     if [ "$rc" -eq 5 ]; then echo "(no tests collected)"; return 0; fi
     return "$rc"
 }
-do_test_cuda() {
-    [ -f tests/test_cuda_op.py ] || { echo "tests/test_cuda_op.py is missing"; return 1; }
+do_test() {
     local rc=0
     # shellcheck disable=SC2086
-    "$PY" -m pytest -q -x tests/test_cuda_op.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_cuda.log" || rc=$?
+    "$PY" -m pytest -q tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" || rc=$?
     pytest_rc_ok "$rc"
 }
-do_test_rest() {
-    local rc=0
-    # shellcheck disable=SC2086
-    "$PY" -m pytest -q tests --ignore=tests/test_cuda_op.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_rest.log" || rc=$?
-    pytest_rc_ok "$rc"
-}
-if want test; then
-    run_stage test_cuda do_test_cuda
-    run_stage test_rest do_test_rest
-fi
+want test && run_stage test do_test
 
 # ------------------------------------------------------------------ compute-sanitizer
 find_sanitizer() {
@@ -238,7 +230,7 @@ want main && run_stage main do_main
 do_bench() {
     local mode
     case "$BENCH" in
-        full) mode="" ;;
+        full) mode="--full" ;;
         check) mode="--check-only" ;;
         *) mode="--quick" ;;
     esac
@@ -246,6 +238,40 @@ do_bench() {
     "$PY" benchmarks/bench_gpu.py $mode --out "$OUT/bench.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 }
 want bench && run_stage "bench($BENCH)" do_bench
+
+# ------------------------------------------------------------------ A/B of two builds
+build_inplace() {  # TREE LOG [EXTRA_NVCC_FLAGS]
+    echo "building $1 in place (log $2)"
+    if ! (cd "$1" && MAX_JOBS=${MAX_JOBS:-16} MLSTM_EXT_CUDA=1 \
+            NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }${3:-}" \
+            "$PY" setup.py build_ext --inplace) >"$2" 2>&1; then
+        tail -n 40 "$2"
+        return 1
+    fi
+}
+library_of() {  # TREE: its mlstm_ext/_C*.so (the one mlstm_ext.library_path() would pick)
+    find "$1/mlstm_ext" -maxdepth 1 -name '_C*.so' | sort | head -n 1
+}
+do_ab() {
+    local base=${AB_BASE:-.ab_base} old new
+    if [ ! -f "$base/setup.py" ]; then
+        echo "AB_BASE=$base holds no setup.py: put the old sources there, e.g."
+        echo "  mkdir -p .ab_base && git archive OLD_COMMIT | tar -x -C .ab_base"
+        return 1
+    fi
+    base=$(cd "$base" && pwd)
+    if ! want build || [ -z "$(library_of "$REPO")" ]; then
+        build_inplace "$REPO" "$OUT/build_ab_new.log"
+    fi
+    build_inplace "$base" "$OUT/build_ab_old.log" "${AB_NVCC_FLAGS:-}"
+    old=$(library_of "$base")
+    new=$(library_of "$REPO")
+    echo "old: $old"
+    echo "new: $new"
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/bench_gpu.py --ab "$old,$new" --out "$OUT/ab.md" ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log"
+}
+want ab && run_stage ab do_ab
 
 # ------------------------------------------------------------------ summary
 echo

@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
-"""Small cases for compute-sanitizer (memcheck, racecheck): each runs an op once on the GPU and
-synchronises, then checks the result against the float64 reference on the CPU (parallel_fw_hintra:
-CASES; recurrent_fw_states: STATES_CASES, each also with S = 0).
+"""Small cases for compute-sanitizer (memcheck, racecheck): each runs one op once on the GPU and
+synchronises, then checks every output against the float64 reference on the CPU.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/sanitize_case.py
     python3 benchmarks/sanitize_case.py [--cases bf16,odd_fp32] [--device cuda]
@@ -10,29 +9,37 @@ Inputs and border states are made on the CPU and copied over, so under the sanit
 kernels launched are the op's own (plus nothing else of torch). Run memcheck with
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation and an out-of-bounds
 access cannot hide inside a neighbour in the caching allocator's pool.
-Exit code 1 when a result misses the reference, 2 when no CUDA device / kernels.
+Tolerances: mlstm_ext.reference.TOLERANCES. Exit code 1 when a result misses the reference or an
+op raises, 2 when no CUDA device / kernels.
 """
 import argparse
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-# name: ((B, NH, S, DHQK, DHHV, L), dtype, tolerance on the relative-norm error of matH/vecN/vecM)
+import mlstm_ext  # noqa: E402
+from mlstm_ext import reference as ref  # noqa: E402
+
+# name: (op, (B, NH, S, DHQK, DHHV, L), dtype)
 CASES = {
-    "bf16": ((2, 2, 256, 64, 64, 64), torch.bfloat16, 1e-2),
+    "bf16": ("hintra", (2, 2, 256, 64, 64, 64), torch.bfloat16),
     # odd head dims (not multiples of 8/16), a short chunk, S = 6 chunks
-    "odd_fp32": ((1, 2, 96, 50, 70, 16), torch.float32, 2e-5),
+    "odd_fp32": ("hintra", (1, 2, 96, 50, 70, 16), torch.float32),
     # large heads, L = 128 (the sm_80 kernel's multi-tile paths; on Hopper too, by the dispatch rule)
-    "big_bf16": ((1, 1, 256, 256, 512, 128), torch.bfloat16, 1e-2),
+    "big_bf16": ("hintra", (1, 1, 256, 256, 512, 128), torch.bfloat16),
     # Hopper kernel: two row tiles and two key blocks (L = 128), a partial DHHV tile; odd dims
-    "l128_fp16": ((1, 2, 256, 128, 200, 128), torch.float16, 2e-3),
-    "odd_bf16": ((1, 2, 96, 50, 70, 16), torch.bfloat16, 1e-2),
+    "l128_fp16": ("hintra", (1, 2, 256, 128, 200, 128), torch.float16),
+    "odd_bf16": ("hintra", (1, 2, 96, 50, 70, 16), torch.bfloat16),
+    # the recurrent step and the whole forward
+    "states_bf16": ("states", (2, 2, 256, 64, 64, 64), torch.bfloat16),
+    "states_odd_fp32": ("states", (1, 2, 96, 50, 70, 16), torch.float32),
+    "forward_bf16": ("forward", (1, 2, 256, 128, 200, 128), torch.bfloat16),
+    "forward_odd_fp16": ("forward", (1, 2, 96, 50, 70, 16), torch.float16),
 }
 # recurrent_fw_states (two kernels: gates, states): name: ((B, NH, S, DHQK, DHHV, L), dtype,
 # tolerance on the relative-norm error of matC_all/vecN_all/scaM_all vs float64)
@@ -47,18 +54,55 @@ STATES_CASES = {
     "states_unaligned_bf16": ((2, 2, 128, 50, 70, 64), torch.bfloat16, 2e-5),
 }
 
+# The H step's rare paths: chunks whose gates are wide (exact exponents) and tiles whose
+# accumulators come out non-finite (exact recomputation). name: ((B, NH, S, DHQK, DHHV, L), dtype, how)
+HOSTILE_CASES = {
+    "wide_gates_bf16": ((1, 2, 256, 64, 72, 64), torch.bfloat16, "wide"),
+    "nan_in_v_fp16": ((1, 2, 128, 48, 40, 64), torch.float16, "nan_v"),
+}
+
+# op: (call, reference, output names)
+OPS = {
+    "hintra": (lambda x, L: mlstm_ext.parallel_fw_hintra(*x, chunk_size=L),
+               lambda x, L: ref.parallel_fw_hintra_reference(*x, chunk_size=L, compute_dtype=torch.float64),
+               ("matH", "vecN", "vecM")),
+    "states": (lambda x, L: mlstm_ext.recurrent_fw_states(*x[1:5], chunk_size=L),
+               lambda x, L: ref.recurrent_fw_states(*x[1:5], chunk_size=L, compute_dtype=torch.float64),
+               ("matC_all", "vecN_all", "scaM_all")),
+    "forward": (lambda x, L: mlstm_ext.chunkwise_fw(*x[:5], chunk_size=L),
+                lambda x, L: ref.chunkwise_fw_reference(*x[:5], chunk_size=L, compute_dtype=torch.float64),
+                ("matH", "matC_last", "vecN_last", "scaM_last", "vecN", "vecM")),
+}
+
+
+def run_case(name: str, dev: torch.device, gen: torch.Generator) -> bool:
+    op_key, shape, dtype = CASES[name]
+    op, reference, names = OPS[op_key]
+    L = shape[-1]
+    cpu_args = ref.random_inputs(*shape, dtype, "cpu", gen)
+    try:
+        outs = op([t.to(dev) for t in cpu_args], L)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:
+        print(f"{name:16} {op_key:7} {shape} FAIL: {type(e).__name__}: {e}", flush=True)
+        return False
+    tol_h, tol_f32 = ref.TOLERANCES[dev.type][dtype]
+    errs = [ref.rel_norm_err(o.cpu(), r) for o, r in zip(outs, reference(cpu_args, L))]
+    ok = all(e <= (tol_h if n == "matH" else tol_f32) for e, n in zip(errs, names))
+    print(f"{name:16} {op_key:7} {shape} {str(dtype)[6:]:8} rel err "
+          + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs)) + f" {'PASS' if ok else 'FAIL'}",
+          flush=True)
+    return ok
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    names = list(CASES) + list(STATES_CASES)
+    names = list(CASES) + list(STATES_CASES) + list(HOSTILE_CASES)
     p.add_argument("--cases", default=",".join(names), help=f"comma list of {', '.join(names)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-
-    import mlstm_ext
-    from mlstm_ext.__main__ import make_inputs, rel_norm_err
-    from mlstm_ext.reference import parallel_fw_hintra_reference, recurrent_fw_states
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not (torch.cuda.is_available() and mlstm_ext.has_cuda_kernels()):
@@ -66,33 +110,46 @@ def main(argv=None):
               f"library CUDA kernels: {mlstm_ext.has_cuda_kernels()})", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(args.seed)
-    failed = False
+    results = []
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         if name in STATES_CASES:
-            failed |= not states_case(name, *STATES_CASES[name], dev, gen, recurrent_fw_states)
-            continue
-        (B, NH, S, DQ, DV, L), dtype, tol = CASES[name]
-        cpu_args = make_inputs(B, NH, S, DQ, DV, L, dtype, "cpu", gen)
-        dev_args = [t.to(dev) for t in cpu_args]
-        outs = mlstm_ext.parallel_fw_hintra(*dev_args, chunk_size=L)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        outs = [o.cpu() for o in outs]
-        refs = parallel_fw_hintra_reference(*cpu_args, chunk_size=L, compute_dtype=torch.float64)
-        errs = [rel_norm_err(o, r) for o, r in zip(outs, refs)]
-        ok = all(e <= tol for e in errs)
-        failed |= not ok
-        print(f"{name:9} (B,NH,S,DHQK,DHHV,L)={(B, NH, S, DQ, DV, L)} {str(dtype)[6:]:8} "
-              f"H/N/M rel err {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e} "
-              f"{'PASS' if ok else 'FAIL'} (tol {tol:g})", flush=True)
-    return 1 if failed else 0
+            results.append(states_case(name, *STATES_CASES[name], dev, gen, ref.recurrent_fw_states))
+        elif name in HOSTILE_CASES:
+            results.append(hostile_case(name, *HOSTILE_CASES[name], dev, gen))
+        else:
+            results.append(run_case(name, dev, gen))
+    return 0 if all(results) else 1
+
+
+def hostile_case(name, shape, dtype, how, dev, gen):
+    """wide: forget gates near -300 (|bg| >> 128 in every chunk), checked against float64.
+    nan_v: a NaN in V at row 5 of a chunk: rows before it must stay finite, rows from it NaN."""
+    L = shape[-1]
+    x = list(ref.random_inputs(*shape, dtype, "cpu", gen))
+    if how == "wide":
+        x[4] = x[4] - 303.0
+    else:
+        x[2] = x[2].clone()
+        x[2][:, :, 5, 3] = float("nan")
+    outs = [o.cpu() for o in mlstm_ext.parallel_fw_hintra(*[t.to(dev) for t in x], chunk_size=L)]
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    if how == "wide":
+        tol_h, tol_f32 = ref.TOLERANCES[dev.type][dtype]
+        refs = ref.parallel_fw_hintra_reference(*x, chunk_size=L, compute_dtype=torch.float64)
+        errs = [ref.rel_norm_err(o, r) for o, r in zip(outs, refs)]
+        ok = errs[0] <= tol_h and max(errs[1:]) <= tol_f32
+    else:
+        H = outs[0]
+        ok = bool(torch.isfinite(H[:, :, :5]).all() and torch.isnan(H[:, :, 5:L, 3]).all())
+        errs = []
+    print(f"{name:16} hintra  {shape} {str(dtype)[6:]:8} " + " ".join(f"{e:.1e}" for e in errs)
+          + f" {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
 
 
 def states_case(name, shape, dtype, tol, dev, gen, reference):
     """recurrent_fw_states on `dev` with random initial states vs the float64 reference."""
-    import mlstm_ext
-    from mlstm_ext.__main__ import rel_norm_err
-
     B, NH, S, DQ, DV, L = shape
 
     def rn(*s):
@@ -107,7 +164,7 @@ def states_case(name, shape, dtype, tol, dev, gen, reference):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         refs = reference(*part[:4], L, *part[4:], compute_dtype=torch.float64)
-        errs = [rel_norm_err(o.cpu(), r) for o, r in zip(outs, refs)]
+        errs = [ref.rel_norm_err(o.cpu(), r) for o, r in zip(outs, refs)]
         ok &= all(e <= tol for e in errs)
         print(f"{name:9} (B,NH,S,DHQK,DHHV,L)={(B, NH, s_used, DQ, DV, L)} {str(dtype)[6:]:8} "
               f"C/n/m rel err {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e} "

@@ -40,6 +40,8 @@ def library_path() -> str:
     return found[0]
 
 
+from ._build_check import check as _check_build  # noqa: E402
+_check_build()  # ImportError, before loading, if _C was built against another torch
 torch.ops.load_library(library_path())
 
 from . import ops  # noqa: E402  (wrappers and fake kernels of every op)

@@ -4,7 +4,8 @@ Registered with ``torch.library.register_autograd``, so eager autograd, torch.co
 and ``torch.library.opcheck`` all see the same backward. The forward stays the compiled kernel.
 
 The backward (for now in PyTorch; custom kernels may replace it later) recomputes the forward with
-``reference.chunkwise_fw_reference`` under ``torch.enable_grad()`` and hands the incoming gradients
+``reference.chunkwise_fw_reference`` (every m detached; den too for "normaliser_constant") under
+``torch.enable_grad()`` and hands the incoming gradients
 of matH, matC_last and vecN_last to ``torch.autograd.grad``:
 
 - Differentiated: matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial. scaM_initial gets a
@@ -90,9 +91,10 @@ def _backward(ctx, dH, dC_last, dN_last, _dM_last, _dvecN, _dvecM):
     if leaves:
         # Autocast off: the recompute is the compute-dtype reference, whatever the caller's context.
         with torch.enable_grad(), torch.autocast(matQ.device.type, enabled=False):
-            matH, matC_last, vecN_last, _ = chunkwise_fw_reference(
+            matH, matC_last, vecN_last = chunkwise_fw_reference(
                 *args, qk_scale=ctx.qk_scale, chunk_size=ctx.chunk_size, eps=ctx.eps,
-                compute_dtype=dt, grad_mode=ctx.grad_mode)
+                compute_dtype=dt, detach_m=True,
+                detach_den=ctx.grad_mode == "normaliser_constant")[:3]
             outs, douts = [], []
             for o, d in ((matH, dH), (matC_last, dC_last), (vecN_last, dN_last)):
                 if d is not None:

@@ -1,22 +1,33 @@
-"""Pure-PyTorch mLSTM chunkwise pieces, written straight from SPEC.md.
+"""The float64 contract: pure-PyTorch mLSTM chunkwise pieces written straight from SPEC.md, the
+inputs SPEC's checks use, and the accuracy every op must meet against them.
 
 - ``parallel_fw_hintra_reference``: the H step, materialising the (NC, L, L) gate matrix. Runs in
   any floating dtype (the tests use float64; the benchmarks time it as the "PyTorch eager" peer).
 - ``recurrent_fw_states``: the recurrent step that makes the chunk-border states the H step reads.
-- ``chunkwise_fw_reference``: the whole forward (recurrent step, then the H step), differentiable,
-  with every stabiliser detached (SPEC.md, "Gradients"); the backward of ``chunkwise_fw``
-  (``mlstm_ext.autograd``) differentiates it.
-- ``quadratic_mlstm`` (tests/quadratic.py): the fully parallel mLSTM, the independent check of the
-  chained pair.
+- ``chunkwise_fw_reference``: the two chained, with the outputs of ``mlstm.chunkwise_fw``; with
+  ``detach_m`` (and ``detach_den``) it is what the backward of ``chunkwise_fw``
+  (``mlstm_ext.autograd``) differentiates (SPEC.md, "Gradients").
+- ``random_inputs``, ``rel_norm_err``, ``TOLERANCES``: the inputs, the error measure and the
+  tolerances of the self-check (``python -m mlstm_ext``), the tests and the benchmarks.
 
-All functions are TorchScript-able so that ``mlstm_ext.layer`` can use them in scripted models.
+``recurrent_fw_states`` is TorchScript-able: ``mlstm_ext.layer`` uses it in scripted models.
 """
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 MINIMUM_MAX_VAL: float = -10.0
+
+# Relative-norm error ||x - x64|| / ||x64|| allowed against the float64 reference evaluated on the
+# same (rounded) inputs: device type -> input dtype -> (matH, the float32 outputs: vecN, vecM and
+# the states). 16-bit inputs: about the rounding of the 16-bit output itself; float32 inputs:
+# float32-accurate arithmetic (on CUDA 1e-4 for the float32 outputs, as the tests have required
+# since the first CUDA kernel). The one table: the main job, tests/ and benchmarks/ import it.
+TOLERANCES: Dict[str, Dict[torch.dtype, Tuple[float, float]]] = {
+    "cpu": {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)},
+    "cuda": {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)},
+}
 
 
 def parallel_fw_hintra_reference(
@@ -160,33 +171,54 @@ def chunkwise_fw_reference(
     chunk_size: int = 64,
     eps: float = 1e-6,
     compute_dtype: torch.dtype = torch.float64,
-    grad_mode: str = "exact",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole chunkwise forward (SPEC.md, "The whole forward") in ``compute_dtype``, written for
-    torch.autograd: every m (states, H step, m_0) detached, and for ``grad_mode ==
-    "normaliser_constant"`` the denominator den as well. Its gradients are the ones SPEC.md
-    defines for ``chunkwise_fw`` in that convention.
+    detach_m: bool = False,
+    detach_den: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC.md's whole forward: the recurrent step, then the H step on its slots. Returns what
+    ``mlstm.chunkwise_fw`` returns, all in ``compute_dtype``: (matH, matC_last (B, NH, DHQK, DHHV),
+    vecN_last (B, NH, DHQK), scaM_last (B, NH), vecN (B, NH, S), vecM (B, NH, S)).
 
-    Returns (matH (B, NH, S, DHHV), matC_last (B, NH, DHQK, DHHV), vecN_last (B, NH, DHQK),
-    scaM_last (B, NH)), all in ``compute_dtype``.
-
+    For torch.autograd (SPEC.md, "Gradients"): ``detach_m`` holds every stabiliser m (states, H
+    step, m_0) constant: its gradients are the "exact" ones of ``chunkwise_fw``; ``detach_den``
+    also holds the denominator den constant: the "normaliser_constant" ones.
     Cost: the recurrence is a loop over the NC chunks (batched over B and NH), the H step one
-    batched evaluation of every chunk, with (B, NH, NC, L, L) gate and score matrices; autograd
-    keeps the NC+1 states (twice: the loop's and the stacked copy) and a few (B, NH, S, L) matrices.
-    """
-    if grad_mode != "exact" and grad_mode != "normaliser_constant":
-        raise ValueError(
-            'chunkwise_fw_reference: grad_mode must be "exact" or "normaliser_constant", got "' + grad_mode + '"'
-        )
-    DHQK = matQ.shape[-1]
-    matC_all, vecN_all, scaM_all = recurrent_fw_states(
-        matK, matV, vecI, vecF, chunk_size, matC_initial, vecN_initial, scaM_initial,
-        compute_dtype=compute_dtype, detach_m=True,
-    )
-    matH, _, _ = parallel_fw_hintra_reference(
-        matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all, qk_scale=qk_scale,
-        chunk_size=chunk_size, eps=eps, compute_dtype=compute_dtype, detach_m=True,
-        detach_den=grad_mode == "normaliser_constant",
-    )
-    NC = scaM_all.shape[-1] - 1
-    return (matH, matC_all[:, :, NC * DHQK:], vecN_all[:, :, NC * DHQK:], scaM_all[:, :, NC])
+    batched evaluation of every chunk with (B, NH, NC, L, L) matrices."""
+    B, NH, S, DHQK = matQ.shape
+    NC = S // chunk_size
+    if scaM_initial is not None:
+        scaM_initial = scaM_initial.reshape(B, NH)
+    C, n, m = recurrent_fw_states(matK, matV, vecI, vecF, chunk_size, matC_initial, vecN_initial,
+                                  scaM_initial, compute_dtype, detach_m)
+    H, vecN, vecM = parallel_fw_hintra_reference(matQ, matK, matV, vecI, vecF, C, n, m, qk_scale,
+                                                 chunk_size, eps, compute_dtype, detach_m, detach_den)
+    return (H, C[:, :, NC * DHQK:], n[:, :, NC * DHQK:], m[:, :, NC], vecN, vecM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and the error measure of the checks (not TorchScript)
+
+
+def random_inputs(B: int, NH: int, S: int, DHQK: int, DHHV: int, L: int, dtype: torch.dtype,
+                  device, generator: Optional[torch.Generator] = None):
+    """(matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all) as SPEC.md's checks make them:
+    q, k, v, i ~ N(0, 1) and f = 3 + N(0, 1), q, k, v rounded to ``dtype``; gates float32; the
+    NC+1 border states from ``recurrent_fw_states`` in float32 on those inputs (never zeros)."""
+    def rn(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
+
+    q, k, v = rn(B, NH, S, DHQK).to(dtype), rn(B, NH, S, DHQK).to(dtype), rn(B, NH, S, DHHV).to(dtype)
+    i = rn(B, NH, S)
+    f = 3.0 + rn(B, NH, S)
+    C, n, m = recurrent_fw_states(k, v, i, f, chunk_size=L, compute_dtype=torch.float32)
+    return q, k, v, i, f, C, n, m
+
+
+def rel_norm_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64; inf when x holds a non-finite value or the shapes differ."""
+    x = x.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    if x.shape != ref.shape or not bool(torch.isfinite(x).all()):
+        return float("inf")
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / den if den > 0 else num

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mlstm_ext  # noqa: F401  (loads the op library)
-from mlstm_ext.reference import parallel_fw_hintra_reference, recurrent_fw_states
+from mlstm_ext.reference import TOLERANCES, parallel_fw_hintra_reference, recurrent_fw_states
 from quadratic import quadratic_mlstm
 
 op = torch.ops.mlstm.parallel_fw_hintra
@@ -19,12 +19,9 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-# Relative-norm tolerances vs the float64 reference on the same (rounded) inputs:
-# input dtype -> (matH, vecN/vecM).
-TOL = {
-    "cpu": {F32: (2e-5, 1e-5), BF16: (1e-2, 1e-2), F16: (2e-3, 2e-3)},
-    "cuda": {F32: (2e-5, 1e-4), BF16: (1e-2, 1e-2), F16: (2e-3, 2e-3)},
-}
+# Relative-norm tolerances vs the float64 reference on the same (rounded) inputs, defined once in
+# the package: device type -> input dtype -> (matH, vecN/vecM).
+TOL = TOLERANCES
 # Extra room for vecN/vecM stored in a narrow output_dtype (one rounding of the result).
 OUT_ROUNDING = {F32: 0.0, F64: 0.0, BF16: 1e-2, F16: 2e-3}
 

@@ -7,6 +7,10 @@
   which dlopens the op library in a process with no Python interpreter; its output equals
   Python's bitwise (or, failing that, to float32 rounding). Also on CUDA, when present.
 - ``torch.export`` of the layer runs (and survives save/load) and matches eager.
+- AOTInductor: models that call the ops (the layer, the H step alone, the forward op when the build
+  has it; ``AOTI_CASES``) are exported and compiled into ``.pt2`` packages, which
+  ``examples/cpp/run_aoti`` (same CMake build) runs after loading the op library; its outputs
+  equal the package's in Python and eager's to float32 rounding. On CPU, and on CUDA when present.
 
 The C++ tests skip only when cmake or a C++ compiler is missing, and fail instead under CI=true.
 """
@@ -17,6 +21,7 @@ import shutil
 import subprocess
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,8 +151,8 @@ def test_layer_is_causal_under_padding():
 
 
 @pytest.fixture(scope="session")
-def run_model(tmp_path_factory) -> Path:
-    """Configure and build examples/cpp once per session; the run_model executable."""
+def cpp_build(tmp_path_factory) -> Path:
+    """Configure and build examples/cpp (run_model and run_aoti) once per session; the folder."""
     cmake = shutil.which("cmake")
     cxx = (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
            or shutil.which("clang++"))
@@ -173,13 +178,18 @@ def run_model(tmp_path_factory) -> Path:
     t_conf = step(args, "configure")
     t_build = step([cmake, "--build", str(build), "--parallel", str(os.cpu_count() or 2)], "build")
     print(f"\nexamples/cpp: configure {t_conf:.1f} s, build {t_build:.1f} s in {build}")
-    exe = build / "run_model"
-    assert exe.exists(), f"no {exe} after the build"
-    return exe
+    for exe in ("run_model", "run_aoti"):
+        assert (build / exe).exists(), f"no {build / exe} after the build"
+    return build
+
+
+@pytest.fixture(scope="session")
+def run_model(cpp_build) -> Path:
+    return cpp_build / "run_model"
 
 
 def run_example(exe: Path, *args) -> str:
-    """Runs run_model on the op library; its stdout."""
+    """Runs a C++ example (run_model or run_aoti) on the op library; its stdout."""
     cmd = [str(exe), mlstm_ext.library_path(), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
@@ -187,8 +197,8 @@ def run_example(exe: Path, *args) -> str:
 
 
 def printed(stdout: str, key: str) -> str:
-    found = re.search(rf"^{key}: (.+)$", stdout, re.M)
-    assert found, f"no '{key}:' line in run_model's output:\n{stdout}"
+    found = re.search(rf"^{re.escape(key)}: (.+)$", stdout, re.M)
+    assert found, f"no '{key}:' line in the example's output:\n{stdout}"
     return found.group(1).strip()
 
 
@@ -277,3 +287,169 @@ def test_torch_export_matches_eager(tmp_path):
     with torch.no_grad():
         y_loaded = torch.export.load(path).module()(x)
     assert torch.equal(y_loaded, y_export)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.export + AOTInductor, run from C++ (examples/cpp/run_aoti)
+#
+# Each case is a model that calls an mlstm op and its example inputs; it is exported, compiled
+# ahead of time into a .pt2 package (the slow part: 30-70 s on two cores, once per case and device
+# per session), then run by run_aoti, a C++ program that loads the op library and the package.
+# Add a case: write `def _case_x(device) -> (module, inputs)` and list it in AOTI_CASES.
+
+
+class _HStep(torch.nn.Module):
+    """The H step alone: 8 inputs, 3 outputs (the runner's multi-tensor path)."""
+
+    def __init__(self, chunk_size: int):
+        super().__init__()
+        self.chunk_size = chunk_size
+
+    def forward(self, q, k, v, i, f, C, n, m):
+        return torch.ops.mlstm.parallel_fw_hintra(q, k, v, i, f, C, n, m, chunk_size=self.chunk_size)
+
+
+class _ChunkwiseFw(torch.nn.Module):
+    """The whole forward op: q, k, v, i, f -> (matH, the last states, vecN, vecM)."""
+
+    def __init__(self, chunk_size: int):
+        super().__init__()
+        self.chunk_size = chunk_size
+
+    def forward(self, q, k, v, i, f):
+        return torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, chunk_size=self.chunk_size)
+
+
+def _case_layer(device):
+    return _make_layer(4).to(device), (_randn(2, SEQ, D_MODEL, seed=14).to(device),)
+
+
+def _case_hstep(device):
+    from conftest import make_inputs
+    inp = make_inputs(B=1, NH=2, S=128, DHQK=32, L=64, seed=15, device=device)
+    return _HStep(inp.L), inp.args()
+
+
+def _case_chunkwise_fw(device):
+    if not hasattr(torch.ops.mlstm, "chunkwise_fw") or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mlstm::chunkwise_fw", "CUDA" if device == "cuda" else "CPU"):
+        pytest.skip(f"torch.ops.mlstm.chunkwise_fw has no {device} kernel in this build")
+    from conftest import make_inputs
+    inp = make_inputs(B=1, NH=2, S=128, DHQK=32, L=64, seed=16, device=device)
+    return _ChunkwiseFw(inp.L), inp.args()[:5]
+
+
+AOTI_CASES = {"layer": _case_layer, "hstep": _case_hstep, "chunkwise_fw": _case_chunkwise_fw}
+_NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA_RUN,
+                                reason="needs a CUDA device and mlstm_ext's CUDA kernels")
+AOTI_PARAMS = [pytest.param((case, "cpu"), id=f"{case}-cpu") for case in AOTI_CASES] + [
+    pytest.param((case, "cuda"), id=f"{case}-cuda", marks=[pytest.mark.cuda, _NEEDS_GPU])
+    for case in AOTI_CASES
+]
+
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+@pytest.fixture(scope="session", params=AOTI_PARAMS)
+def aoti_package(request, tmp_path_factory):
+    """A case exported and compiled into a .pt2 on its device, with its saved inputs and the
+    outputs of eager and of the package loaded in Python."""
+    case, device = request.param
+    model, inputs = AOTI_CASES[case](device)
+    model = model.eval()
+    folder = tmp_path_factory.mktemp(f"aoti_{case}_{device}")
+    if device == "cuda":
+        print(f"\nAOTInductor on {torch.cuda.get_device_name()}")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ep = torch.export.export(model, inputs)
+        t1 = time.perf_counter()
+        # input_shapes: run_aoti makes inputs of these shapes when given no --input.
+        shapes = ";".join(",".join(map(str, t.shape)) for t in inputs)
+        path = torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(folder / f"{case}.pt2"),
+            inductor_configs={"aot_inductor.metadata": {"input_shapes": shapes}})
+        t2 = time.perf_counter()
+        print(f"\nAOTInductor {case} on {device}: export {t1 - t0:.1f} s, compile {t2 - t1:.1f} s")
+        eager = _as_tuple(model(*inputs))
+        loaded = _as_tuple(torch._inductor.aoti_load_package(path)(*inputs))
+    x_file = folder / "inputs.pt"
+    torch.save(tuple(t.cpu() for t in inputs), x_file)
+    return SimpleNamespace(case=case, device=device, path=Path(path), model=model, inputs=inputs,
+                           x_file=x_file, eager=[t.cpu() for t in eager],
+                           loaded=[t.cpu() for t in loaded])
+
+
+@pytest.fixture(scope="session")
+def run_aoti(cpp_build) -> Path:
+    return cpp_build / "run_aoti"
+
+
+def test_run_aoti_needs_no_python(run_aoti):
+    readelf = shutil.which("readelf")
+    if not readelf:
+        _tool_missing("readelf (binutils) not found")
+    dyn = subprocess.run([readelf, "-d", str(run_aoti)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "libpython" not in dyn and "libtorch_python" not in dyn, dyn
+
+
+def test_aoti_cpp_matches_python(run_aoti, aoti_package, tmp_path):
+    pkg = aoti_package
+    # The op is not compiled into the package: its generated code calls it through libtorch's
+    # proxy executor, from a JSON description of the call stored in the package.
+    with zipfile.ZipFile(pkg.path) as z:
+        extern = " ".join(z.read(n).decode() for n in z.namelist() if n.endswith(".json"))
+    assert '"target": "mlstm::' in extern, "no mlstm op call in the package's extern-node JSON"
+
+    out_file = tmp_path / "y.pt"
+    stdout = run_example(run_aoti, pkg.path, pkg.device, "--input", pkg.x_file, "--output", out_file)
+    assert printed(stdout, "device") == pkg.device
+    assert printed(stdout, "inputs") == str(len(pkg.inputs))
+    y_cpp = _as_tuple(torch.load(out_file))
+    assert len(y_cpp) == len(pkg.eager) == int(printed(stdout, "outputs"))
+    for k, (c, py, ref) in enumerate(zip(y_cpp, pkg.loaded, pkg.eager)):
+        what = f"{pkg.case} output {k} on {pkg.device}"
+        # The same compiled code as Python's aoti_load_package ran it.
+        assert_same(c, py, f"{what}: C++ vs the package in Python")
+        # Inductor fuses and reorders the plain-PyTorch parts (projections, states), so vs eager
+        # the agreement is to float32 rounding; the op's own outputs come out unchanged.
+        torch.testing.assert_close(c, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} vs eager: {m}")
+        assert printed(stdout, f"y[{k}] shape").startswith(f"{list(c.shape)} dtype: ")
+        assert math.isclose(float(printed(stdout, f"y[{k}] sum")), c.double().sum().item(),
+                            rel_tol=1e-12, abs_tol=1e-9)
+    if pkg.case == "hstep":
+        for c, ref in zip(y_cpp, pkg.eager):
+            assert torch.equal(c, ref), "the H step through the package differs from eager"
+
+
+@pytest.mark.parametrize("aoti_package", AOTI_PARAMS[:1], indirect=True)  # the layer on the CPU
+def test_aoti_cpp_default_input(run_aoti, aoti_package):
+    # Without --input, run_aoti makes torch::randn of the metadata's input_shapes after
+    # torch::manual_seed(0): the same numbers as Python's generator.
+    pkg = aoti_package
+    stdout = run_example(run_aoti, pkg.path)  # device: the package's own
+    assert printed(stdout, "device") == "cpu"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x = tuple(torch.randn(t.shape) for t in pkg.inputs)
+    with torch.no_grad():
+        y = _as_tuple(torch._inductor.aoti_load_package(str(pkg.path))(*x))[0]
+    assert math.isclose(float(printed(stdout, "y[0] sum")), y.double().sum().item(),
+                        rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("aoti_package", AOTI_PARAMS[:1], indirect=True)  # the layer on the CPU
+def test_aoti_cpp_refuses_wrong_device_and_missing_op(run_aoti, aoti_package):
+    pkg = aoti_package
+    cmd = [str(run_aoti), mlstm_ext.library_path(), str(pkg.path), "cuda"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "compiled for cpu, not cuda" in r.stderr, r.stderr
+    # Without the op library in the process (libc10 registers no mlstm op), loading the package
+    # fails: the proxy executor looks the op up in the dispatcher.
+    c10 = Path(torch.__file__).parent / "lib" / "libc10.so"
+    cmd = [str(run_aoti), str(c10), str(pkg.path), "--input", str(pkg.x_file)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Could not find schema for mlstm::" in r.stderr, r.stderr[-2000:]

@@ -79,7 +79,7 @@ CASES += [
     ("chunk-zero", set_(chunk_size=0), "chunk_size must be positive, got 0"),
     ("chunk-negative", set_(chunk_size=-4), "chunk_size must be positive, got -4"),
     # Dtypes.
-    ("matQ-int", set_(matQ=lambda t: t.to(torch.int32)), "matQ must be float32, bfloat16 or float16, got Int"),
+    ("matQ-int", set_(matQ=lambda t: t.to(torch.int32)), "matQ must be float32, bfloat16, float16 or float64 (CPU), got Int"),
     ("matK-bf16", set_(matK=lambda t: t.bfloat16()), "matK must have matQ's dtype (Float), got BFloat16"),
     ("matV-half", set_(matV=lambda t: t.half()), "matV must have matQ's dtype (Float), got Half"),
     ("matK-v-float32-q-bf16", set_(matQ=lambda t: t.bfloat16()), "matK must have matQ's dtype (BFloat16), got Float"),

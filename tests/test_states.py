@@ -405,7 +405,7 @@ def test_chunkwise_fw_vs_quadratic(seed, device):
     whose H step is replaced by chunkwise_fw's output)."""
     kw = make_states_inputs(seed, 1, 2, 256, 32, 48, 64, F32, device, with_q=True)
     H, C_last, n_last, m_last, vecN, vecM = run_forward(kw)
-    Hq, csum, M = quadratic_mlstm(kw["matQ"], kw["matK"], kw["matV"], kw["vecI"], kw["vecF"])
+    Hq, csum, M = (t.cpu() for t in quadratic_mlstm(kw["matQ"], kw["matK"], kw["matV"], kw["vecI"], kw["vecF"]))
     keep = (csum.abs() > 2 * torch.exp(-M)) & (vecN.double().cpu() > 2 * torch.exp(-vecM.double().cpu()))
     assert keep.float().mean() > 0.5
     vecN = vecN.double().cpu()

@@ -7,24 +7,11 @@
 
 #include "cuda/device_facts.h"
 #include "cuda/hintra_launch.h"
+#include "cuda/tensor_layout.h"
 #include "hintra.h"
 
 namespace mlstm {
 namespace {
-
-// The kernels read rows with unit column stride; other layouts get a deliberate contiguous copy.
-at::Tensor unit_last_stride(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
-// 16-byte copies are legal when the base and every row/batch/head step are 16-byte aligned.
-bool rows_aligned16(const at::Tensor& t, int64_t row_dim) {
-  const int64_t es = t.element_size();
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int64_t d = 0; d <= row_dim; ++d)
-    if (t.size(d) > 1 && (t.stride(d) * es) % 16 != 0) return false;
-  return true;
-}
 
 cuda::InputType input_type(at::ScalarType t) {
   switch (t) {
@@ -46,8 +33,8 @@ void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Te
   const c10::cuda::CUDAGuard guard(a.matQ.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const at::Tensor q = unit_last_stride(a.matQ), k = unit_last_stride(a.matK),
-                   v = unit_last_stride(a.matV), C = unit_last_stride(a.matC_all);
+  const at::Tensor q = cuda::unit_last_stride(a.matQ), k = cuda::unit_last_stride(a.matK),
+                   v = cuda::unit_last_stride(a.matV), C = cuda::unit_last_stride(a.matC_all);
   // Gates and states are float32 (check_hintra_args), vecN / vecM float32 (allocate_hintra_outputs).
   const at::Tensor &vi = a.vecI, &vf = a.vecF, &n = a.vecN_all, &m = a.scaM_all;
 
@@ -83,10 +70,10 @@ void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Te
   p.NC = static_cast<int>(a.NC);
   p.qk_scale = static_cast<float>(a.qk_scale);
   p.eps = static_cast<float>(a.eps);
-  p.q_vec = rows_aligned16(q, 2);
-  p.k_vec = rows_aligned16(k, 2);
-  p.v_vec = rows_aligned16(v, 2);
-  p.c_vec = rows_aligned16(C, 2);
+  p.q_vec = cuda::rows_aligned16(q, 2);
+  p.k_vec = cuda::rows_aligned16(k, 2);
+  p.v_vec = cuda::rows_aligned16(v, 2);
+  p.c_vec = cuda::rows_aligned16(C, 2);
   p.rows_per_block = plan.rows_per_block;
   p.n_qt = plan.n_qt;
   p.n_dvt = plan.n_dvt;

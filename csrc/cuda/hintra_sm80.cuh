@@ -185,118 +185,123 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kern
   const int n_kk = (DQKp + Tr::kBKK - 1) / Tr::kBKK;
   const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + s0 * p.k_ss;
   const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + s0 * p.v_ss + dv0;
-  for (int j = 0; j < n_kb; ++j) {
-    const int kb0 = j * Tr::kBKV;
-    const int keys_valid = min(Tr::kBKV, row_end - kb0);
-    load_tile<T>(sV, Tr::kSV, gV + kb0 * p.v_ss, p.v_ss, Tr::kBKV, Tr::kBDV, keys_valid, dv_valid,
-                 p.v_vec);
-    cp_async_commit();
-    auto load_k = [&](int c) {
-      const int k0 = c * Tr::kBKK;
-      load_tile<T>(sK + (c & 1) * Tr::kBKV * Tr::kSK, Tr::kSK, gK + kb0 * p.k_ss + k0, p.k_ss,
-                   Tr::kBKV, Tr::kBKK, keys_valid, p.DHQK - k0, p.k_vec);
+  // The key loop, compiled twice: the exact exponents of wide chunks stay out of the common path.
+  auto key_loop = [&](auto wide_tag) {
+    constexpr bool kWide = decltype(wide_tag)::value;
+    for (int j = 0; j < n_kb; ++j) {
+      const int kb0 = j * Tr::kBKV;
+      const int keys_valid = min(Tr::kBKV, row_end - kb0);
+      load_tile<T>(sV, Tr::kSV, gV + kb0 * p.v_ss, p.v_ss, Tr::kBKV, Tr::kBDV, keys_valid, dv_valid,
+                   p.v_vec);
       cp_async_commit();
-    };
-    if (n_kk > 0) load_k(0);
+      auto load_k = [&](int c) {
+        const int k0 = c * Tr::kBKK;
+        load_tile<T>(sK + (c & 1) * Tr::kBKV * Tr::kSK, Tr::kSK, gK + kb0 * p.k_ss + k0, p.k_ss,
+                     Tr::kBKV, Tr::kBKK, keys_valid, p.DHQK - k0, p.k_vec);
+        cp_async_commit();
+      };
+      if (n_kk > 0) load_k(0);
 
-    float sacc[KT][4];
-#pragma unroll
-    for (int i = 0; i < KT; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+      float sacc[KT][4];
+  #pragma unroll
+      for (int i = 0; i < KT; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
 
-    for (int c = 0; c < n_kk; ++c) {
-      if (c + 1 < n_kk) {
-        load_k(c + 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
+      for (int c = 0; c < n_kk; ++c) {
+        if (c + 1 < n_kk) {
+          load_k(c + 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* kb = sK + (c & 1) * Tr::kBKV * Tr::kSK;
+        const int ksteps = min(Tr::kBKK, DQKp - c * Tr::kBKK) / Tr::kKStep;
+        if (warp_active) {
+  #pragma unroll
+          for (int ks = 0; ks < Tr::kBKK / Tr::kKStep; ++ks) {
+            if (ks < ksteps) {
+              const int qcol = c * Tr::kBKK + ks * Tr::kKStep;
+              if constexpr (Tr::kIsFloat) {
+                const float2 x0 = *reinterpret_cast<const float2*>(sQ + (wr + g) * lay.sq + qcol + 2 * tq);
+                const float2 x1 = *reinterpret_cast<const float2*>(sQ + (wr + g + 8) * lay.sq + qcol + 2 * tq);
+                const Tf32Split a[4] = {split_tf32(x0.x), split_tf32(x1.x), split_tf32(x0.y),
+                                        split_tf32(x1.y)};
+  #pragma unroll
+                for (int nt = 0; nt < KT; ++nt) {
+                  if (kb0 + nt * 8 <= warp_last_row) {
+                    const float2 y = *reinterpret_cast<const float2*>(
+                        kb + (nt * 8 + g) * Tr::kSK + ks * 8 + 2 * tq);
+                    mma_1688_3xtf32(sacc[nt], a, split_tf32(y.x), split_tf32(y.y));
+                  }
+                }
+              } else {
+                uint32_t a[4];
+                ldmatrix_x4(a, sQ + (wr + (lane & 15)) * lay.sq + qcol + (lane >> 4) * 8);
+  #pragma unroll
+                for (int np = 0; np < KT / 2; ++np) {
+                  if (kb0 + np * 16 <= warp_last_row) {
+                    uint32_t bk[4];
+                    ldmatrix_x4(bk, kb + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSK +
+                                        ks * 16 + ((lane >> 3) & 1) * 8);
+                    mma_16816<T>(sacc[2 * np], a, bk[0], bk[1]);
+                    mma_16816<T>(sacc[2 * np + 1], a, bk[2], bk[3]);
+                  }
+                }
+              }
+            }
+          }
+        }
+        __syncthreads();
       }
+      cp_async_wait<0>();  // V (and, when DHQK = 0, nothing else) has landed
       __syncthreads();
-      const T* kb = sK + (c & 1) * Tr::kBKV * Tr::kSK;
-      const int ksteps = min(Tr::kBKK, DQKp - c * Tr::kBKK) / Tr::kKStep;
+
       if (warp_active) {
-#pragma unroll
-        for (int ks = 0; ks < Tr::kBKK / Tr::kKStep; ++ks) {
-          if (ks < ksteps) {
-            const int qcol = c * Tr::kBKK + ks * Tr::kKStep;
-            if constexpr (Tr::kIsFloat) {
-              const float2 x0 = *reinterpret_cast<const float2*>(sQ + (wr + g) * lay.sq + qcol + 2 * tq);
-              const float2 x1 = *reinterpret_cast<const float2*>(sQ + (wr + g + 8) * lay.sq + qcol + 2 * tq);
-              const Tf32Split a[4] = {split_tf32(x0.x), split_tf32(x1.x), split_tf32(x0.y),
-                                      split_tf32(x1.y)};
-#pragma unroll
-              for (int nt = 0; nt < KT; ++nt) {
-                if (kb0 + nt * 8 <= warp_last_row) {
-                  const float2 y = *reinterpret_cast<const float2*>(
-                      kb + (nt * 8 + g) * Tr::kSK + ks * 8 + 2 * tq);
-                  mma_1688_3xtf32(sacc[nt], a, split_tf32(y.x), split_tf32(y.y));
-                }
-              }
-            } else {
-              uint32_t a[4];
-              ldmatrix_x4(a, sQ + (wr + (lane & 15)) * lay.sq + qcol + (lane >> 4) * 8);
-#pragma unroll
-              for (int np = 0; np < KT / 2; ++np) {
-                if (kb0 + np * 16 <= warp_last_row) {
-                  uint32_t bk[4];
-                  ldmatrix_x4(bk, kb + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSK +
-                                      ks * 16 + ((lane >> 3) & 1) * 8);
-                  mma_16816<T>(sacc[2 * np], a, bk[0], bk[1]);
-                  mma_16816<T>(sacc[2 * np + 1], a, bk[2], bk[3]);
-                }
+        // Step 5: w = qk_scale * (q.k) * exp(D - F), causal; row sums before any rounding.
+        weigh_scores<kWide>(&sacc[0][0], kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
+        // acc += W V.
+        if constexpr (Tr::kIsFloat) {
+  #pragma unroll
+          for (int nt = 0; nt < KT; ++nt) {
+            if (kb0 + nt * 8 <= warp_last_row) {
+              // k permuted as in phase 1: a0 (g, 2tq), a1 (g+8, 2tq), a2 (g, 2tq+1), a3 (g+8, 2tq+1)
+              const Tf32Split a[4] = {split_tf32(sacc[nt][0]), split_tf32(sacc[nt][2]),
+                                      split_tf32(sacc[nt][1]), split_tf32(sacc[nt][3])};
+              const float* v0 = sV + (nt * 8 + 2 * tq) * Tr::kSV + g;
+              const float* v1 = v0 + Tr::kSV;
+  #pragma unroll
+              for (int dn = 0; dn < NT; ++dn)
+                mma_1688_3xtf32(acc[dn], a, split_tf32(v0[dn * 8]), split_tf32(v1[dn * 8]));
+            }
+          }
+        } else {
+  #pragma unroll
+          for (int kt = 0; kt < KT / 2; ++kt) {
+            if (kb0 + kt * 16 <= warp_last_row) {
+              // The score accumulators of key tiles 2kt, 2kt+1 are exactly an m16k16 A fragment.
+              const uint32_t a[4] = {pack2<T>(sacc[2 * kt][0], sacc[2 * kt][1]),
+                                     pack2<T>(sacc[2 * kt][2], sacc[2 * kt][3]),
+                                     pack2<T>(sacc[2 * kt + 1][0], sacc[2 * kt + 1][1]),
+                                     pack2<T>(sacc[2 * kt + 1][2], sacc[2 * kt + 1][3])};
+  #pragma unroll
+              for (int np = 0; np < NT / 2; ++np) {
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, sV + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV +
+                                          np * 16 + (lane >> 4) * 8);
+                mma_16816<T>(acc[2 * np], a, bv[0], bv[1]);
+                mma_16816<T>(acc[2 * np + 1], a, bv[2], bv[3]);
               }
             }
           }
         }
       }
-      __syncthreads();
+      __syncthreads();  // sK / sV are refilled by the next key block
     }
-    cp_async_wait<0>();  // V (and, when DHQK = 0, nothing else) has landed
-    __syncthreads();
-
-    if (warp_active) {
-      // Step 5: w = qk_scale * (q.k) * exp(D - F), causal; row sums before any rounding.
-      if (wide) {
-        weigh_scores<true>(&sacc[0][0], kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
-      } else {
-        weigh_scores<false>(&sacc[0][0], kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
-      }
-      // acc += W V.
-      if constexpr (Tr::kIsFloat) {
-#pragma unroll
-        for (int nt = 0; nt < KT; ++nt) {
-          if (kb0 + nt * 8 <= warp_last_row) {
-            // k permuted as in phase 1: a0 (g, 2tq), a1 (g+8, 2tq), a2 (g, 2tq+1), a3 (g+8, 2tq+1)
-            const Tf32Split a[4] = {split_tf32(sacc[nt][0]), split_tf32(sacc[nt][2]),
-                                    split_tf32(sacc[nt][1]), split_tf32(sacc[nt][3])};
-            const float* v0 = sV + (nt * 8 + 2 * tq) * Tr::kSV + g;
-            const float* v1 = v0 + Tr::kSV;
-#pragma unroll
-            for (int dn = 0; dn < NT; ++dn)
-              mma_1688_3xtf32(acc[dn], a, split_tf32(v0[dn * 8]), split_tf32(v1[dn * 8]));
-          }
-        }
-      } else {
-#pragma unroll
-        for (int kt = 0; kt < KT / 2; ++kt) {
-          if (kb0 + kt * 16 <= warp_last_row) {
-            // The score accumulators of key tiles 2kt, 2kt+1 are exactly an m16k16 A fragment.
-            const uint32_t a[4] = {pack2<T>(sacc[2 * kt][0], sacc[2 * kt][1]),
-                                   pack2<T>(sacc[2 * kt][2], sacc[2 * kt][3]),
-                                   pack2<T>(sacc[2 * kt + 1][0], sacc[2 * kt + 1][1]),
-                                   pack2<T>(sacc[2 * kt + 1][2], sacc[2 * kt + 1][3])};
-#pragma unroll
-            for (int np = 0; np < NT / 2; ++np) {
-              uint32_t bv[4];
-              ldmatrix_x4_trans(bv, sV + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV +
-                                        np * 16 + (lane >> 4) * 8);
-              mma_16816<T>(acc[2 * np], a, bv[0], bv[1]);
-              mma_16816<T>(acc[2 * np + 1], a, bv[2], bv[3]);
-            }
-          }
-        }
-      }
-    }
-    __syncthreads();  // sK / sV are refilled by the next key block
+  };
+  if (wide) {
+    key_loop(std::true_type{});
+  } else {
+    key_loop(std::false_type{});
   }
 
   // ---- Steps 6-7: normaliser and outputs; a non-finite tile is recomputed exactly. ----

@@ -230,56 +230,61 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const uint32_t kQSbo = q_chunks * 128;  // next 8 rows of Q / keys of K (same width)
   constexpr uint32_t kVLbo = (BDV / 8) * 128;
   float(&acc_v)[BDV / 2] = reinterpret_cast<float(&)[BDV / 2]>(acc);
-  for (int j = 0; j < n_kb; ++j) {
-    const int kb0 = j * Tr::kKeys;
-    if (j > 0) {
-      __syncthreads();  // every warp's products of key block j-1 are done (waited below)
-      load_kv(kb0);
-      cp_async_commit();
-    }
-    cp_async_wait<0>();
-    sm90::fence_proxy_async();
-    __syncthreads();
+  // The key loop, compiled twice: the exact exponents of wide chunks stay out of the common path.
+  auto key_loop = [&](auto wide_tag) {
+    constexpr bool kWide = decltype(wide_tag)::value;
+    for (int j = 0; j < n_kb; ++j) {
+      const int kb0 = j * Tr::kKeys;
+      if (j > 0) {
+        __syncthreads();  // every warp's products of key block j-1 are done (waited below)
+        load_kv(kb0);
+        cp_async_commit();
+      }
+      cp_async_wait<0>();
+      sm90::fence_proxy_async();
+      __syncthreads();
 
-    // S = Q K^T for 64 keys: both operands in shared memory, all k steps in one group.
-    float sacc[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-    sm90::wgmma_fence();
-#pragma unroll 1
-    for (int ks = 0; ks < n_ks; ++ks)
-      sm90::WgmmaSS<64, Tr::kF16>::run(sacc, sm90::make_desc(smem + lay.q_off + ks * 256, 128, kQSbo),
-                                       sm90::make_desc(sKt + ks * 256, 128, kQSbo));
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs(sacc);
+      // S = Q K^T for 64 keys: both operands in shared memory, all k steps in one group.
+      float sacc[32];
+  #pragma unroll
+      for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
+      sm90::wgmma_fence();
+  #pragma unroll 1
+      for (int ks = 0; ks < n_ks; ++ks)
+        sm90::WgmmaSS<64, Tr::kF16>::run(sacc, sm90::make_desc(smem + lay.q_off + ks * 256, 128, kQSbo),
+                                         sm90::make_desc(sKt + ks * 256, 128, kQSbo));
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs(sacc);
 
-    // Step 5: w = qk_scale * (q.k) * exp(D - F), causal; row sums before any rounding.
-    if (wide) {
-      weigh_scores<true>(sacc, kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
-    } else {
-      weigh_scores<false>(sacc, kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
+      // Step 5: w = qk_scale * (q.k) * exp(D - F), causal; row sums before any rounding.
+      weigh_scores<kWide>(sacc, kb0, row_end, r0, r1, gs, p.qk_scale, rowsum0, rowsum1);
+      // acc += W V: the score accumulators of keys 16kt..16kt+15 are an A fragment as they stand
+      // (all four k steps, also past the diagonal, where W is zero).
+      uint32_t pa[4][4];
+  #pragma unroll
+      for (int kt = 0; kt < 4; ++kt) {
+        const float* x = sacc + 8 * kt;
+        pa[kt][0] = pack2<T>(x[0], x[1]);
+        pa[kt][1] = pack2<T>(x[2], x[3]);
+        pa[kt][2] = pack2<T>(x[4], x[5]);
+        pa[kt][3] = pack2<T>(x[6], x[7]);
+      }
+      sm90::wgmma_fence();
+  #pragma unroll
+      for (int kt = 0; kt < 4; ++kt)
+        sm90::Wgmma<BDV, Tr::kF16, 1>::run(acc_v, pa[kt], sm90::make_desc(sVt + kt * 2 * kVLbo, kVLbo, 128));
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs(acc);
+  #pragma unroll
+      for (int kt = 0; kt < 4; ++kt) sm90::fence_regs(pa[kt]);
     }
-    // acc += W V: the score accumulators of keys 16kt..16kt+15 are an A fragment as they stand
-    // (all four k steps, also past the diagonal, where W is zero).
-    uint32_t pa[4][4];
-#pragma unroll
-    for (int kt = 0; kt < 4; ++kt) {
-      const float* x = sacc + 8 * kt;
-      pa[kt][0] = pack2<T>(x[0], x[1]);
-      pa[kt][1] = pack2<T>(x[2], x[3]);
-      pa[kt][2] = pack2<T>(x[4], x[5]);
-      pa[kt][3] = pack2<T>(x[6], x[7]);
-    }
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kt = 0; kt < 4; ++kt)
-      sm90::Wgmma<BDV, Tr::kF16, 1>::run(acc_v, pa[kt], sm90::make_desc(sVt + kt * 2 * kVLbo, kVLbo, 128));
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs(acc);
-#pragma unroll
-    for (int kt = 0; kt < 4; ++kt) sm90::fence_regs(pa[kt]);
+  };
+  if (wide) {
+    key_loop(std::true_type{});
+  } else {
+    key_loop(std::false_type{});
   }
 
   // ---- Steps 6-7. q . n is column BDV of the Q C product (already times g). H goes through
