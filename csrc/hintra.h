@@ -15,8 +15,8 @@
 
 namespace mlstm {
 
-// Sizes use SPEC.md's names. vecI is already viewed as (B, NH, S); gates and states are float32
-// (float64 when matQ is float64, a CPU-only case).
+// Sizes use SPEC.md's names. vecI is already viewed as (B, NH, S); gates are float32 (float64 when
+// matQ is float64, a CPU-only case); states keep the caller's float dtype and strides.
 struct HintraArgs {
   at::Tensor matQ, matK, matV;  // (B, NH, S, DHQK), (B, NH, S, DHQK), (B, NH, S, DHHV)
   at::Tensor vecI, vecF;        // (B, NH, S)

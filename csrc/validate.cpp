@@ -277,13 +277,14 @@ HintraArgs check_hintra_args(
   a.matQ = matQ;
   a.matK = matK;
   a.matV = matV;
-  // Every kernel reads gates and states in the compute dtype (float32; float64 for float64
-  // inputs): a copy only when they come in another dtype.
+  // Gates in the compute dtype (float32; float64 for float64 inputs): a copy only when they come
+  // in another dtype. States stay as they come: the CPU kernel reads any float dtype in place,
+  // the CUDA entry makes them float32.
   a.vecI = (vecI.dim() == 4 ? vecI.reshape({B, NH, S}) : vecI).to(compute);
   a.vecF = vecF.to(compute);
-  a.matC_all = matC_all.to(compute);
-  a.vecN_all = vecN_all.to(compute);
-  a.scaM_all = scaM_all.to(compute);
+  a.matC_all = matC_all;
+  a.vecN_all = vecN_all;
+  a.scaM_all = scaM_all;
   return a;
 }
 

@@ -1,11 +1,11 @@
-"""A small mLSTM layer built on ``torch.ops.mlstm.parallel_fw_hintra``, for TorchScript and
-torch.export deployment (see examples/cpp/).
+"""A small mLSTM layer built on ``torch.ops.mlstm.chunkwise_fw``, for TorchScript, torch.export
+and AOTInductor deployment (see examples/cpp/).
 
-Plain PyTorch does the projections; ``reference.recurrent_fw_states`` (pure PyTorch) makes the
-chunk-border states; the compiled op does the intra-chunk H step. The whole module scripts with
-``torch.jit.script`` (the scripted graph calls ``mlstm::parallel_fw_hintra`` by name, so a C++
-program that loaded the op library can run it) and exports with ``torch.export.export`` (the fake
-kernel in ``_fake.py`` gives the op's output shapes).
+Plain PyTorch does the projections; the compiled forward op does the mLSTM (chunk-border states,
+then the H step). The whole module scripts with ``torch.jit.script`` (the scripted graph calls
+``mlstm::chunkwise_fw`` by name, so a C++ program that loaded the op library can run it) and
+exports with ``torch.export.export`` (the fake kernels in ``mlstm_ext/ops.py`` give the op's
+output shapes). The op is differentiable, so the layer also trains.
 """
 from typing import Optional
 
@@ -13,14 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .reference import recurrent_fw_states
-
 
 class MLSTMLayer(nn.Module):
     """mLSTM cell over a sequence: x (B, S, d_model) -> (B, S, d_model).
 
     Per head: q, k, v projections, scalar input and forget gate pre-activations (one each per
-    head and position), the chunkwise mLSTM (states by the recurrent step, outputs by the H step),
+    head and position), the chunkwise mLSTM (``torch.ops.mlstm.chunkwise_fw``),
     then an output projection of the concatenated heads. S need not be a multiple of
     ``chunk_size``: the sequence is zero-padded at the end and the padding cut off (the mLSTM is
     causal, so padding changes no real output).
@@ -73,10 +71,7 @@ class MLSTMLayer(nn.Module):
         i = self.igate(x).transpose(1, 2).float().contiguous()
         f = self.fgate(x).transpose(1, 2).float().contiguous()
 
-        matC_all, vecN_all, scaM_all = recurrent_fw_states(k, v, i, f, chunk_size=L)
-        matH, _, _ = torch.ops.mlstm.parallel_fw_hintra(
-            q, k, v, i, f, matC_all, vecN_all, scaM_all, chunk_size=L
-        )
+        matH = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, chunk_size=L)[0]
         h = matH.transpose(1, 2).reshape(B, SP, NH * self.v_dim)[:, :S]
         return self.out_proj(h)
 

@@ -276,7 +276,7 @@ def test_torch_export_matches_eager(tmp_path):
     x = _randn(2, SEQ, D_MODEL, seed=13)
     ep = torch.export.export(layer, (x,))
     ops = {n.target for n in ep.graph.nodes if n.op == "call_function"}
-    assert torch.ops.mlstm.parallel_fw_hintra.default in ops, "the op was not kept in the graph"
+    assert torch.ops.mlstm.chunkwise_fw.default in ops, "the op was not kept in the graph"
     with torch.no_grad():
         y_eager = layer(x)
         y_export = ep.module()(x)

@@ -34,9 +34,12 @@ void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Te
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const at::Tensor q = cuda::unit_last_stride(a.matQ), k = cuda::unit_last_stride(a.matK),
-                   v = cuda::unit_last_stride(a.matV), C = cuda::unit_last_stride(a.matC_all);
-  // Gates and states are float32 (check_hintra_args), vecN / vecM float32 (allocate_hintra_outputs).
-  const at::Tensor &vi = a.vecI, &vf = a.vecF, &n = a.vecN_all, &m = a.scaM_all;
+                   v = cuda::unit_last_stride(a.matV);
+  // The kernels read states as float32 (a copy only for other dtypes); gates are float32
+  // (check_hintra_args), vecN / vecM float32 (allocate_hintra_outputs).
+  const at::Tensor C = cuda::unit_last_stride(a.matC_all.to(at::kFloat));
+  const at::Tensor n = a.vecN_all.to(at::kFloat), m = a.scaM_all.to(at::kFloat);
+  const at::Tensor &vi = a.vecI, &vf = a.vecF;
 
   const cuda::HintraShape shape{a.B * a.NH, a.NC, static_cast<int>(a.DHQK), static_cast<int>(a.DHHV),
                                 static_cast<int>(a.L)};

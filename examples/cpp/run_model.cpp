@@ -1,10 +1,10 @@
-// run_model: run a TorchScript model that calls torch.ops.mlstm.parallel_fw_hintra, with no Python.
+// run_model: run a TorchScript model that calls torch.ops.mlstm ops, with no Python.
 //
 //   run_model <libmlstm_ext.so> <model.pt> [cpu|cuda] [--input x.pt] [--output y.pt]
 //
 // 1. dlopen the op library (mlstm_ext.library_path()): its static initialisers run the
 //    TORCH_LIBRARY(mlstm, ...) registration into this process's dispatcher.
-// 2. torch::jit::load the scripted model (its graph refers to mlstm::parallel_fw_hintra by name,
+// 2. torch::jit::load the scripted model (its graph refers to the mlstm:: ops by name,
 //    so the op must be registered before loading).
 // 3. Run it on one input, print the output's shape and checksum, optionally save the output.
 //
