@@ -16,6 +16,8 @@ __all__ = [
     "parallel_fw_hintra",
     "recurrent_fw_states",
     "chunkwise_fw",
+    "mlstm_chunkwise",
+    "register_backend",
     "mlstm_chunkwise__parallel_fw_Hintra",
     "MLSTMLayer",
 ]
@@ -44,6 +46,8 @@ torch.ops.load_library(library_path())
 
 from . import ops  # noqa: E402  (wrappers and fake kernels of every op)
 from .ops import chunkwise_fw, parallel_fw_hintra, recurrent_fw_states  # noqa: E402
+from . import autograd  # noqa: E402,F401  (registers chunkwise_fw's backward)
+from .chunkwise import mlstm_chunkwise  # noqa: E402
 
 
 def has_cuda_kernels() -> bool:
@@ -55,3 +59,13 @@ def has_cuda_kernels() -> bool:
 mlstm_chunkwise__parallel_fw_Hintra = parallel_fw_hintra
 
 from .layer import MLSTMLayer  # noqa: E402  (a TorchScript-able layer on the op; see examples/cpp)
+
+
+def register_backend():
+    """Make mlstm_ext's kernels available to the ``xlstm`` package (explicit opt-in): adds
+    "mlstm_ext" (exact gradients) and "mlstm_ext_custbw" (normaliser-constant gradients) to
+    mlstm_kernels' chunkwise registry, so ``xLSTMLargeConfig(chunkwise_kernel="chunkwise--mlstm_ext")``
+    runs on them. See ``mlstm_ext.xlstm_backend``. Raises ImportError without mlstm-kernels."""
+    from .xlstm_backend import register_backend as _register
+
+    return _register()

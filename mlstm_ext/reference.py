@@ -4,7 +4,9 @@ inputs SPEC's checks use, and the accuracy every op must meet against them.
 - ``parallel_fw_hintra_reference``: the H step, materialising the (NC, L, L) gate matrix. Runs in
   any floating dtype (the tests use float64; the benchmarks time it as the "PyTorch eager" peer).
 - ``recurrent_fw_states``: the recurrent step that makes the chunk-border states the H step reads.
-- ``chunkwise_fw_reference``: the two chained, with the outputs of ``mlstm.chunkwise_fw``.
+- ``chunkwise_fw_reference``: the two chained, with the outputs of ``mlstm.chunkwise_fw``; with
+  ``detach_m`` (and ``detach_den``) it is what the backward of ``chunkwise_fw``
+  (``mlstm_ext.autograd``) differentiates (SPEC.md, "Gradients").
 - ``random_inputs``, ``rel_norm_err``, ``TOLERANCES``: the inputs, the error measure and the
   tolerances of the self-check (``python -m mlstm_ext``), the tests and the benchmarks.
 
@@ -41,9 +43,15 @@ def parallel_fw_hintra_reference(
     chunk_size: int = 64,
     eps: float = 1e-6,
     compute_dtype: Optional[torch.dtype] = None,
+    detach_m: bool = False,
+    detach_den: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC.md steps 1-7. Returns (matH, vecN, vecM) in ``compute_dtype`` (default: matQ's dtype
-    promoted to at least float32)."""
+    promoted to at least float32).
+
+    For autograd: ``detach_m`` makes the stabiliser m a constant (SPEC.md, "Gradients"; scaM_all
+    must then carry no gradient either), ``detach_den`` the denominator den too (the
+    "normaliser constant" convention)."""
     B, NH, S, DHQK = matQ.shape
     DHHV = matV.shape[-1]
     L = chunk_size
@@ -69,12 +77,16 @@ def parallel_fw_hintra_reference(
     D = D.masked_fill(~causal, float("-inf"))
     m_intra = torch.clamp(D.amax(dim=-1), min=MINIMUM_MAX_VAL)  # (B, NH, NC, L)
     m = torch.maximum(bg + m_prev, m_intra)
+    if detach_m:
+        m = m.detach()
 
     w = qk_scale * (q @ k.transpose(-1, -2)) * torch.exp(D - m.unsqueeze(-1))
     g = qk_scale * torch.exp(bg + m_prev - m)  # (B, NH, NC, L)
     num = w @ v + g.unsqueeze(-1) * (q @ C)
     nsum = w.sum(-1) + g * (q @ n.unsqueeze(-1)).squeeze(-1)
     den = torch.maximum(nsum.abs(), torch.exp(-m))
+    if detach_den:
+        den = den.detach()
     H = num / (den.unsqueeze(-1) + eps)
     return H.reshape(B, NH, S, DHHV), den.reshape(B, NH, S), m.reshape(B, NH, S)
 
@@ -89,9 +101,12 @@ def recurrent_fw_states(
     vecN_initial: Optional[torch.Tensor] = None,
     scaM_initial: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float32,
+    detach_m: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC.md's recurrent step. Returns the NC+1 border states
-    (matC_all (B, NH, (NC+1)*DHQK, DHHV), vecN_all (B, NH, (NC+1)*DHQK), scaM_all (B, NH, NC+1))."""
+    (matC_all (B, NH, (NC+1)*DHQK, DHHV), vecN_all (B, NH, (NC+1)*DHQK), scaM_all (B, NH, NC+1)).
+    ``scaM_initial`` may be (B, NH) or (B, NH, 1). ``detach_m``: the m states carry no gradient
+    (SPEC.md, "Gradients"); C and n are still differentiated through the gates."""
     B, NH, S, DHQK = matK.shape
     DHHV = matV.shape[-1]
     L = chunk_size
@@ -115,7 +130,9 @@ def recurrent_fw_states(
     if scaM_initial is None:
         m = torch.zeros(B, NH, dtype=dt, device=matK.device)
     else:
-        m = scaM_initial.to(dt)
+        m = scaM_initial.to(dt).reshape(B, NH)
+    if detach_m:
+        m = m.detach()
 
     Cs: List[torch.Tensor] = [C]
     ns: List[torch.Tensor] = [n]
@@ -124,6 +141,8 @@ def recurrent_fw_states(
         g = g_all[:, :, kk]
         a = a_all[:, :, kk]  # (B, NH, L)
         m_new = torch.maximum(g + m, a.amax(-1))
+        if detach_m:
+            m_new = m_new.detach()
         decay = torch.exp(g + m - m_new)
         wa = torch.exp(a - m_new.unsqueeze(-1))  # (B, NH, L)
         kw = k[:, :, kk] * wa.unsqueeze(-1)
@@ -152,18 +171,26 @@ def chunkwise_fw_reference(
     chunk_size: int = 64,
     eps: float = 1e-6,
     compute_dtype: torch.dtype = torch.float64,
+    detach_m: bool = False,
+    detach_den: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC.md's whole forward: the recurrent step, then the H step on its slots. Returns what
     ``mlstm.chunkwise_fw`` returns, all in ``compute_dtype``: (matH, matC_last (B, NH, DHQK, DHHV),
-    vecN_last (B, NH, DHQK), scaM_last (B, NH), vecN (B, NH, S), vecM (B, NH, S))."""
+    vecN_last (B, NH, DHQK), scaM_last (B, NH), vecN (B, NH, S), vecM (B, NH, S)).
+
+    For torch.autograd (SPEC.md, "Gradients"): ``detach_m`` holds every stabiliser m (states, H
+    step, m_0) constant: its gradients are the "exact" ones of ``chunkwise_fw``; ``detach_den``
+    also holds the denominator den constant: the "normaliser_constant" ones.
+    Cost: the recurrence is a loop over the NC chunks (batched over B and NH), the H step one
+    batched evaluation of every chunk with (B, NH, NC, L, L) matrices."""
     B, NH, S, DHQK = matQ.shape
     NC = S // chunk_size
     if scaM_initial is not None:
         scaM_initial = scaM_initial.reshape(B, NH)
     C, n, m = recurrent_fw_states(matK, matV, vecI, vecF, chunk_size, matC_initial, vecN_initial,
-                                  scaM_initial, compute_dtype)
+                                  scaM_initial, compute_dtype, detach_m)
     H, vecN, vecM = parallel_fw_hintra_reference(matQ, matK, matV, vecI, vecF, C, n, m, qk_scale,
-                                                 chunk_size, eps, compute_dtype)
+                                                 chunk_size, eps, compute_dtype, detach_m, detach_den)
     return (H, C[:, :, NC * DHQK:], n[:, :, NC * DHQK:], m[:, :, NC], vecN, vecM)
 
 
