@@ -422,3 +422,20 @@ def test_states_refuse_grad_naming_inputs():
     with pytest.raises(RuntimeError, match=r"recurrent_fw_states: this op has no backward, but matK, "
                                            r"matC_initial require grad"):
         torch.ops.mlstm.recurrent_fw_states(k, v, i, f, C0, n0, m0, chunk_size=4)
+
+
+def test_backward_with_default_chunk_size(seed):
+    """chunk_size left at its default (64): the autograd context then sees fewer arguments than
+    the schema has (found on the GPU benchmark: an IndexError in the backward)."""
+    from mlstm_ext.reference import chunkwise_fw_reference
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, 128, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    i = torch.randn(1, 2, 128, generator=g, dtype=torch.float64).requires_grad_()
+    f = (3 + torch.randn(1, 2, 128, generator=g, dtype=torch.float64)).requires_grad_()
+    torch.ops.mlstm.chunkwise_fw(q, k, v, i, f)[0].sum().backward()
+    ours = [t.grad.clone() for t in (q, k, v, i, f)]
+    for t in (q, k, v, i, f):
+        t.grad = None
+    chunkwise_fw_reference(q, k, v, i, f, chunk_size=64, compute_dtype=torch.float64, detach_m=True)[0].sum().backward()
+    for a, t in zip(ours, (q, k, v, i, f)):
+        assert torch.allclose(a, t.grad, rtol=1e-9, atol=1e-12)
