@@ -42,9 +42,9 @@ HintraArgs check_hintra_args(
     std::optional<int64_t> siz_b_DHHV, std::optional<int64_t> num_warps,
     std::optional<int64_t> num_stages, double eps, std::optional<at::ScalarType> output_dtype);
 
-// Empty outputs on matQ's device: matH in matQ's dtype, vecN/vecM in the compute dtype (float32,
-// float64 for float64 inputs); the op converts them to output_dtype.
-HintraOutputs allocate_hintra_outputs(const HintraArgs& a);
+// Empty outputs on matQ's device: matH in matQ's dtype, vecN/vecM in the backend's stats_dtype
+// (ops.cpp; the op converts them to output_dtype).
+HintraOutputs allocate_hintra_outputs(const HintraArgs& a, at::ScalarType stats_dtype);
 
 // Backends fill the outputs allocate_hintra_outputs() made.
 void hintra_cpu(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Tensor& vecM);

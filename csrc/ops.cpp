@@ -18,18 +18,24 @@ namespace mlstm {
 namespace {
 
 // ---- Backends: which kernels fill the outputs. ----
+// stats_dtype: the dtype a backend writes vecN / vecM in (the op converts to output_dtype after).
+// The CPU kernel's gate arithmetic is float64, so it writes output_dtype directly (a float64 vecN
+// keeps e^-m below float32's range); the CUDA kernels write float32.
 struct CpuBackend {
+  static at::ScalarType stats_dtype(const HintraArgs& a) { return a.output_dtype; }
   static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cpu(a, H, N, M); }
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cpu(a, C, n, m); }
 };
 
 #ifdef MLSTM_EXT_WITH_CUDA
 struct CudaBackend {
+  static at::ScalarType stats_dtype(const HintraArgs&) { return at::kFloat; }
   static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cuda(a, H, N, M); }
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cuda(a, C, n, m); }
 };
 #else
 struct CudaBackend {
+  static at::ScalarType stats_dtype(const HintraArgs& a) { return a.output_dtype; }
   [[noreturn]] static void missing() {
     TORCH_CHECK(false,
                 "mlstm_ext was built without its CUDA kernels (no nvcc or a CPU-only torch at build "
@@ -42,6 +48,7 @@ struct CudaBackend {
 
 // Meta: validation and output shapes only (torch.compile / torch.export trace with these).
 struct MetaBackend {
+  static at::ScalarType stats_dtype(const HintraArgs& a) { return a.output_dtype; }
   static void hintra(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
   static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
 };
@@ -49,7 +56,7 @@ struct MetaBackend {
 // ---- Op kernels. ----
 template <class Backend>
 HintraOutputs run_hintra(const HintraArgs& a) {
-  auto [matH, vecN, vecM] = allocate_hintra_outputs(a);
+  auto [matH, vecN, vecM] = allocate_hintra_outputs(a, Backend::stats_dtype(a));
   if (matH.numel() > 0 || vecN.numel() > 0) Backend::hintra(a, matH, vecN, vecM);
   return {matH, vecN, vecM};
 }

@@ -342,11 +342,10 @@ HintraArgs hintra_args_for_forward(const ForwardArgs& f, const at::Tensor& matC_
   return a;
 }
 
-HintraOutputs allocate_hintra_outputs(const HintraArgs& a) {
+HintraOutputs allocate_hintra_outputs(const HintraArgs& a, at::ScalarType stats_dtype) {
   auto opts = a.matQ.options();
   at::Tensor matH = at::empty({a.B, a.NH, a.S, a.DHHV}, opts);
-  // vecN / vecM in the compute dtype; the op converts them to output_dtype afterwards.
-  const auto stat = opts.dtype(compute_dtype_of(a.matQ));
+  const auto stat = opts.dtype(stats_dtype);
   at::Tensor vecN = at::empty({a.B, a.NH, a.S}, stat);
   at::Tensor vecM = at::empty({a.B, a.NH, a.S}, stat);
   return {matH, vecN, vecM};

@@ -70,7 +70,9 @@ def _setup_context(ctx, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...
 def _backward(ctx, dH, dC_last, dN_last, _dM_last, _dvecN, _dvecM):
     saved = ctx.saved_tensors
     matQ = saved[0]
-    needs = ctx.needs_input_grad[:_N_TENSOR_INPUTS]
+    # needs_input_grad covers the arguments as passed: trailing defaults (chunk_size=64, ...) may
+    # be left out of it, so pad.
+    needs = (tuple(ctx.needs_input_grad) + (False,) * _N_TENSOR_INPUTS)[:_N_TENSOR_INPUTS]
     dt = _compute_dtype(matQ)
 
     # Recompute in the compute dtype, with fresh leaves for the inputs whose gradient is wanted.
