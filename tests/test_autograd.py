@@ -23,25 +23,6 @@ from test_chunkwise import make_qkvif
 NAMES = ("q", "k", "v", "i", "f", "C0", "n0")
 
 
-def _has_cpu_float64_forward() -> bool:
-    x = torch.zeros(1, 1, 2, 2, dtype=F64)
-    try:
-        torch.ops.mlstm.chunkwise_fw(x, x, x, x[..., 0], x[..., 0], chunk_size=2)
-        return True
-    except RuntimeError as e:
-        if "expected scalar type Float but found Double" in str(e):
-            return False
-        raise
-
-
-# gradcheck needs the forward in float64. Validation accepts float64 on the CPU and the states
-# kernel has a float64 path, but the CPU H step (csrc/cpu/hintra_cpu.cpp) does not yet: until it
-# does, these tests run and must fail with exactly that error (strict); then they run for real.
-needs_f64_forward = pytest.mark.xfail(
-    not _has_cpu_float64_forward(), raises=RuntimeError, strict=True,
-    reason="the CPU H step has no float64 path yet (hintra_cpu: expected scalar type Float but found Double)")
-
-
 def step_reference(q, k, v, i, f, C0=None, n0=None, m0=None, qk_scale=None, eps=1e-6,
                    grad_mode="exact"):
     """The mLSTM one position at a time (stabilised recurrent form), float64, the stabiliser m
@@ -93,7 +74,6 @@ def grads_of(outs, ins, cots):
 # Gradient values
 
 
-@needs_f64_forward
 @pytest.mark.parametrize("L", [1, 2, 4])
 @pytest.mark.parametrize("init", [False, True], ids=["zero-init", "init"])
 def test_gradcheck_exact(seed, L, init):
@@ -122,7 +102,7 @@ def test_gradcheck_exact(seed, L, init):
 
 @pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
 @pytest.mark.parametrize("init", [False, True], ids=["zero-init", "init"])
-@pytest.mark.parametrize("dtype", [F32, pytest.param(F64, marks=needs_f64_forward)], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 def test_grads_vs_float64_step_reference(seed, grad_mode, init, dtype):
     """Every gradient (q, k, v, i, f, C0, n0; H and both last states in the loss) vs float64
     autograd through the independent step-by-step reference, on the same (rounded) inputs."""
