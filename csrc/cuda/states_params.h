@@ -57,7 +57,7 @@ struct StatesParams {
   bool k_vec, v_vec; // rows 16-byte aligned: cp.async path
 };
 
-// Build-time knobs for A/B runs (benchmarks/ab_gpu.sh): ring depth and minimum resident blocks
+// Build-time knobs for A/B runs (the `ab` stage of benchmarks/gpu_check.sh): ring depth and minimum resident blocks
 // per SM of the register budget. Each stage is ~18.5 KB; 2 stages + staging = ~55 KB per block.
 #ifndef MLSTM_EXT_STATES_STAGES
 #define MLSTM_EXT_STATES_STAGES 2
