@@ -100,8 +100,9 @@ MLSTM_INLINE vf8 exp8(vf8 x) {
   return select8(x < -87.f, vf8{}, y);
 }
 
-// 4 double lanes, for the float64 stabiliser arithmetic (one AVX2 register / two SSE registers).
+// 4 and 8 double lanes, for the float64 stabiliser arithmetic.
 typedef double vd4 __attribute__((vector_size(32)));
+typedef double vd8 __attribute__((vector_size(64)));
 typedef int64_t vl4 __attribute__((vector_size(32)));
 MLSTM_INLINE vd4 loadd4(const double* p) {
   vd4 r;
@@ -209,8 +210,7 @@ struct ChunkBuffers {
   const double* bg;  // (L) inclusive cumulative log forget gate
   const double* iv;  // (L) input gate
   double m_prev;     // scaM_all[chunk]
-  double* d;         // (Lc + 4) scratch: D[t, 0..t]
-  float* e;          // (Lc + 8) scratch: D[t, s] - F[t]
+  double* d;         // (Lc + 8) scratch: D[t, 0..t]
   double eps;
   double* m;         // (L) out: combined max m[t] (vecM)
   double* den;       // (L) out: SPEC's den[t] (vecN)
@@ -245,13 +245,15 @@ MLSTM_INLINE void chunk_compute(const ChunkBuffers& c) {
       const double Ft = mt - delta;
       const double gt = std::exp(c.bg[t] + c.m_prev - Ft);
       c.m[t] = mt;
-      for (int64_t s = 0; s <= t; ++s) c.e[s] = (float)(c.d[s] - Ft);
       const int64_t n8 = (t + 8) / 8 * 8;
-      for (int64_t s = t + 1; s < n8; ++s) c.e[s] = 0.f;
+      for (int64_t s = t + 1; s < n8; ++s) c.d[s] = Ft;  // finite filler, masked below
       vf8 wsum = vf8{};
       for (int64_t s = 0; s < n8; s += 8) {
+        vd8 ds;  // D - F, formed in float64 (D and F may be huge), rounded to float for the exp
+        std::memcpy(&ds, c.d + s, sizeof ds);
+        const vf8 ev = __builtin_convertvector(ds - Ft, vf8);
         const vi8 causal = lane <= (vi8{} + (int32_t)std::min<int64_t>(t - s, 8));
-        const vf8 ws = select8(causal, load8(w + s) * exp8(load8(c.e + s)), vf8{});
+        const vf8 ws = select8(causal, load8(w + s) * exp8(ev), vf8{});
         store8(w + s, ws);
         wsum += ws;
       }
@@ -474,8 +476,8 @@ void hintra_cpu_fast(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at
 
   // Per-thread scratch (allocated below): O(L * (TQ + DHQK + DHHV)), never O(L^2) once L is large.
   const int64_t floats =
-      L * DHQK + TQ * Lc + DHQK * Lc + Lc * DVp + DHQK * DVp + L * DVp + Lc + 8 + DHQK + L;
-  const int64_t doubles = 4 * L + Lc + 4 + 2 * DHHV;
+      L * DHQK + TQ * Lc + DHQK * Lc + Lc * DVp + DHQK * DVp + L * DVp + DHQK + L;
+  const int64_t doubles = 4 * L + Lc + 8 + 2 * DHHV;
   const int64_t scratch_bytes = floats * (int64_t)sizeof(float) + doubles * (int64_t)sizeof(double);
 
   const int64_t tasks = a.B * NH * NC;
@@ -484,15 +486,15 @@ void hintra_cpu_fast(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at
   const ChunkFn chunk_compute_fn = pick_chunk_compute();
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     // Zero-initialised once: padding columns/rows are never written afterwards.
-    std::vector<float> q, w, kt, vp, cp, num, e, n, inv;
+    std::vector<float> q, w, kt, vp, cp, num, n, inv;
     std::vector<double> bg, iv, m, den, d, exact;
     allocate_scratch(a, scratch_bytes, "one chunk's packed Q, K, V, C and a tile of its weights", [&] {
       for (auto [v, size] : {std::pair{&q, L * DHQK}, {&w, TQ * Lc}, {&kt, DHQK * Lc},
-                             {&vp, Lc * DVp}, {&cp, DHQK * DVp}, {&num, L * DVp}, {&e, Lc + 8},
-                             {&n, DHQK}, {&inv, L}}) {
+                             {&vp, Lc * DVp}, {&cp, DHQK * DVp}, {&num, L * DVp}, {&n, DHQK},
+                             {&inv, L}}) {
         v->resize(size);
       }
-      for (auto [v, size] : {std::pair{&bg, L}, {&iv, L}, {&m, L}, {&den, L}, {&d, Lc + 4},
+      for (auto [v, size] : {std::pair{&bg, L}, {&iv, L}, {&m, L}, {&den, L}, {&d, Lc + 8},
                              {&exact, 2 * DHHV}}) {
         v->resize(size);
       }
@@ -522,7 +524,7 @@ void hintra_cpu_fast(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at
       });
       const ChunkBuffers cb{L,        Lc,        DHQK,      DVp,       TQ,        q.data(),
                             w.data(), kt.data(), vp.data(), cp.data(), n.data(),  bg.data(),
-                            iv.data(), m_prev,   d.data(),  e.data(),  a.eps,     m.data(),
+                            iv.data(), m_prev,   d.data(),  a.eps,     m.data(),
                             den.data(), inv.data(), num.data()};
       chunk_compute_fn(cb);
       // Step 7: outputs. A row that is not finite (or whose scale did not fit) goes to exact_row.
