@@ -72,10 +72,12 @@ MLSTM_INLINE vf8 load8(const float* p) {
   return r;
 }
 MLSTM_INLINE void store8(float* p, vf8 x) { std::memcpy(p, &x, sizeof x); }
-MLSTM_INLINE float hsum8(vf8 x) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += x[i];
-  return s;
+MLSTM_INLINE float hsum8(vf8 x) {  // pairwise: the two halves first (one vector add)
+  vf4 lo, hi;
+  std::memcpy(&lo, &x, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof lo, sizeof hi);
+  const vf4 s = lo + hi;
+  return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
 // Lane-wise mask ? a : b, for masks from vector comparisons (lanes all ones or all zeros).
@@ -109,7 +111,6 @@ MLSTM_INLINE vd4 loadd4(const double* p) {
   std::memcpy(&r, p, sizeof r);
   return r;
 }
-MLSTM_INLINE vd4 selectd4(vl4 mask, vd4 a, vd4 b) { return (vd4)(((vl4)a & mask) | ((vl4)b & ~mask)); }
 
 // max(a, b) that returns NaN when either is NaN (std::max(a, NaN) returns a).
 MLSTM_INLINE double nan_max(double a, double b) { return (a > b || std::isnan(a)) ? a : b; }
@@ -126,7 +127,7 @@ MLSTM_INLINE double intra_max_row(int64_t t, const double* bg, const double* iv,
     const vd4 x = (bgt - loadd4(bg + s)) + loadd4(iv + s);
     std::memcpy(d + s, &x, sizeof x);
     nan |= x != x;
-    best = selectd4(x > best, x, best);
+    best = x > best ? x : best;  // one maxpd: a NaN x keeps best, and nan remembers it
   }
   double b = std::max(std::max(best[0], best[1]), std::max(best[2], best[3]));
   bool any_nan = (nan[0] | nan[1] | nan[2] | nan[3]) != 0;
@@ -213,7 +214,7 @@ struct ChunkBuffers {
   double* d;         // (Lc + 8) scratch: D[t, 0..t]
   double eps;
   double* m;         // (L) out: combined max m[t] (vecM)
-  double* den;       // (L) out: SPEC's den[t] (vecN)
+  double* den;       // (L) out: SPEC's den[t] (vecN); NaN where matH's row is not finite
   float* inv;        // (L) out: 1 / (den' + eps e^delta), NaN where that is not a normal float
   float* num;        // (L, DVp) out: matH rows
 };
@@ -245,8 +246,7 @@ MLSTM_INLINE void chunk_compute(const ChunkBuffers& c) {
       const double Ft = mt - delta;
       const double gt = std::exp(c.bg[t] + c.m_prev - Ft);
       c.m[t] = mt;
-      const int64_t n8 = (t + 8) / 8 * 8;
-      for (int64_t s = t + 1; s < n8; ++s) c.d[s] = Ft;  // finite filler, masked below
+      const int64_t n8 = (t + 8) / 8 * 8;  // d[t + 1 .. n8) holds stale values (even NaN): masked
       vf8 wsum = vf8{};
       for (int64_t s = 0; s < n8; s += 8) {
         vd8 ds;  // D - F, formed in float64 (D and F may be huge), rounded to float for the exp
@@ -265,7 +265,9 @@ MLSTM_INLINE void chunk_compute(const ChunkBuffers& c) {
       for (; d < DHQK; ++d) qn += qt[d] * c.n[d];
       const double nsum = (double)hsum8(wsum) + gt * (double)qn;  // frame F
       const double den = nan_max(std::abs(nsum), std::exp(-Ft));    // den' = e^delta den
-      const double scale = std::exp(delta);
+      // e^delta: the frame moves (delta > 0) only where the state term decides m, m = bg + m_prev,
+      // and there g' = e^(m - F) = e^delta already.
+      const double scale = delta > 0 ? gt : 1.0;
       const double inv = 1.0 / (den + c.eps * scale);
       c.den[t] = den / scale;
       using flt = std::numeric_limits<float>;
@@ -284,6 +286,13 @@ MLSTM_INLINE void chunk_compute(const ChunkBuffers& c) {
                           c.q + t0 * DHQK, DHQK, cpanel, DHQK, kNR,  // (g' q) C
                           c.inv + t0, c.num + t0 * c.DVp + j0, c.DVp);
       }
+    }
+    // A row with an Inf or NaN anywhere (its sum shows it; a sum that merely overflows costs a
+    // recompute) goes to exact_row: den marks it.
+    for (int64_t t = r0; t < r1; ++t) {
+      vf8 sum = vf8{};
+      for (int64_t j = 0; j < c.DVp; j += 8) sum += load8(c.num + t * c.DVp + j);
+      if (!std::isfinite(hsum8(sum))) c.den[t] = std::numeric_limits<double>::quiet_NaN();
     }
   }
 }
@@ -532,15 +541,9 @@ void hintra_cpu_fast(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at
       for (int64_t t = 0; t < L; ++t) {
         in_t* Ht = H_ptr + (row0 + t) * DHHV;
         const float* nt = num.data() + t * DVp;
-        uint32_t nonfinite = 0;  // exponent bits all ones: Inf or NaN
-        for (int64_t j = 0; j < DHHV; ++j) {
-          uint32_t bits;
-          std::memcpy(&bits, nt + j, sizeof bits);
-          nonfinite |= (bits & 0x7f800000u) == 0x7f800000u;
-          Ht[j] = static_cast<in_t>(nt[j]);
-        }
+        for (int64_t j = 0; j < DHHV; ++j) Ht[j] = static_cast<in_t>(nt[j]);
         double dent = den[t];
-        if (nonfinite || !std::isfinite(dent)) {
+        if (!std::isfinite(dent)) {  // not finite, or marked so by chunk_compute
           dent = exact_row<in_t>(in, b, h, chunk, t, bg.data(), iv.data(), m_prev, m[t], Ht,
                                  exact.data());
         }
