@@ -34,6 +34,7 @@ import cases as cs
 import timing
 
 import mlstm_ext  # noqa: F401  (loads the op library)
+from mlstm_ext.__main__ import cpu_name
 
 SHAPES = [
     (2, 4, 1024, 64, 64, 64),  # the headline shape
@@ -145,17 +146,6 @@ def markdown(rows, args, argv, load_before: str):
     head = ["op", "(B, NH, S, DHQK, DHHV, L)", "dtype", "threads", "op ms", "eager fp32 ms",
             "speed-up", "GFLOP/s", "errors (first / rest)"]
     return lines + timing.md_table(head, table, right_from=3)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,8 @@
 
 #include <cfloat>
 #include <cmath>
+#include <initializer_list>
+#include <utility>
 
 #include "forward.h"
 #include "hintra.h"
@@ -36,6 +38,13 @@ struct Checker {
   void dim(const at::Tensor& t, const char* name, int64_t d, int64_t expected, const char* what) const {
     TORCH_CHECK(t.size(d) == expected, op, ": ", name, ".size(", num(d), ") must be ", what, " = ",
                 num(expected), ", got ", num(t.size(d)), " (", name, " has shape ", shape_str(t), ")");
+  }
+
+  // dim() for sizes 0, 1, ... of t in turn, each with what it should equal and its name.
+  void dims(const at::Tensor& t, const char* name,
+            std::initializer_list<std::pair<int64_t, const char*>> want) const {
+    int64_t d = 0;
+    for (const auto& [expected, what] : want) dim(t, name, d++, expected, what);
   }
 
   void device(const at::Tensor& t, const char* name, const at::Tensor& first, const char* first_name) const {
@@ -127,13 +136,9 @@ StatesArgs check_states_common(const Checker& c, const at::Tensor& first, const 
   c.floating(vecF, "vecF");
   a.L = chunk_size;
   a.NC = c.chunks(a.S, chunk_size, "matK.size(2)");
-  c.dim(matV, "matV", 0, a.B, "B");
-  c.dim(matV, "matV", 1, a.NH, "NH");
-  c.dim(matV, "matV", 2, a.S, "S");
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{vecI, "vecI"}, {vecF, "vecF"}}) {
-    c.dim(t, name, 0, a.B, "B");
-    c.dim(t, name, 1, a.NH, "NH");
-    c.dim(t, name, 2, a.S, "S");
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{matV, "matV"}, {vecI, "vecI"},
+                         {vecF, "vecF"}}) {
+    c.dims(t, name, {{a.B, "B"}, {a.NH, "NH"}, {a.S, "S"}});
   }
   const at::ScalarType compute = compute_dtype_of(matK);
   if (matC_initial.has_value()) {
@@ -141,10 +146,7 @@ StatesArgs check_states_common(const Checker& c, const at::Tensor& first, const 
     c.rank(t, "matC_initial", 4, "(B, NH, DHQK, DHHV)");
     c.device(t, "matC_initial", first, first_name);
     c.floating(t, "matC_initial");
-    c.dim(t, "matC_initial", 0, a.B, "B");
-    c.dim(t, "matC_initial", 1, a.NH, "NH");
-    c.dim(t, "matC_initial", 2, a.DHQK, "DHQK");
-    c.dim(t, "matC_initial", 3, a.DHHV, "DHHV");
+    c.dims(t, "matC_initial", {{a.B, "B"}, {a.NH, "NH"}, {a.DHQK, "DHQK"}, {a.DHHV, "DHHV"}});
     a.matC_initial = t.to(compute);
   }
   if (vecN_initial.has_value()) {
@@ -152,9 +154,7 @@ StatesArgs check_states_common(const Checker& c, const at::Tensor& first, const 
     c.rank(t, "vecN_initial", 3, "(B, NH, DHQK)");
     c.device(t, "vecN_initial", first, first_name);
     c.floating(t, "vecN_initial");
-    c.dim(t, "vecN_initial", 0, a.B, "B");
-    c.dim(t, "vecN_initial", 1, a.NH, "NH");
-    c.dim(t, "vecN_initial", 2, a.DHQK, "DHQK");
+    c.dims(t, "vecN_initial", {{a.B, "B"}, {a.NH, "NH"}, {a.DHQK, "DHQK"}});
     a.vecN_initial = t.to(compute);
   }
   if (scaM_initial.has_value()) {
@@ -164,8 +164,7 @@ StatesArgs check_states_common(const Checker& c, const at::Tensor& first, const 
                 " dims with shape ", shape_str(t));
     c.device(t, "scaM_initial", first, first_name);
     c.floating(t, "scaM_initial");
-    c.dim(t, "scaM_initial", 0, a.B, "B");
-    c.dim(t, "scaM_initial", 1, a.NH, "NH");
+    c.dims(t, "scaM_initial", {{a.B, "B"}, {a.NH, "NH"}});
     a.scaM_initial = t.reshape({a.B, a.NH}).to(compute);
   }
   a.matK = matK;
@@ -231,31 +230,21 @@ HintraArgs check_hintra_args(
   for (int64_t d = 0; d < 4; ++d) {
     c.dim(matK, "matK", d, matQ.size(d), d == 3 ? "DHQK (matQ.size(3))" : "matQ's");
   }
-  c.dim(matV, "matV", 0, B, "B");
-  c.dim(matV, "matV", 1, NH, "NH");
-  c.dim(matV, "matV", 2, S, "S");
-  c.dim(vecI, "vecI", 0, B, "B");
-  c.dim(vecI, "vecI", 1, NH, "NH");
+  c.dims(matV, "matV", {{B, "B"}, {NH, "NH"}, {S, "S"}});
   if (vecI.dim() == 3) {
-    c.dim(vecI, "vecI", 2, S, "S");
+    c.dims(vecI, "vecI", {{B, "B"}, {NH, "NH"}, {S, "S"}});
   } else {
-    c.dim(vecI, "vecI", 2, NC, "NC = S / chunk_size");
-    c.dim(vecI, "vecI", 3, a.L, "L = chunk_size");
+    c.dims(vecI, "vecI", {{B, "B"}, {NH, "NH"}, {NC, "NC = S / chunk_size"}, {a.L, "L = chunk_size"}});
   }
-  c.dim(vecF, "vecF", 0, B, "B");
-  c.dim(vecF, "vecF", 1, NH, "NH");
-  c.dim(vecF, "vecF", 2, S, "S");
+  c.dims(vecF, "vecF", {{B, "B"}, {NH, "NH"}, {S, "S"}});
 
   // States: NC+1 slots (as recurrent_fw_states makes them) or NC (slot NC is never read).
-  c.dim(matC_all, "matC_all", 0, B, "B");
-  c.dim(matC_all, "matC_all", 1, NH, "NH");
+  c.dims(matC_all, "matC_all", {{B, "B"}, {NH, "NH"}});
   c.dim(matC_all, "matC_all", 3, DHHV, "DHHV (matV.size(3))");
   check_state_slots(c, matC_all, "matC_all", DHQK, "DHQK", NC);
-  c.dim(vecN_all, "vecN_all", 0, B, "B");
-  c.dim(vecN_all, "vecN_all", 1, NH, "NH");
+  c.dims(vecN_all, "vecN_all", {{B, "B"}, {NH, "NH"}});
   check_state_slots(c, vecN_all, "vecN_all", DHQK, "DHQK", NC);
-  c.dim(scaM_all, "scaM_all", 0, B, "B");
-  c.dim(scaM_all, "scaM_all", 1, NH, "NH");
+  c.dims(scaM_all, "scaM_all", {{B, "B"}, {NH, "NH"}});
   check_state_slots(c, scaM_all, "scaM_all", 1, "1", NC);
 
   // Scalars (finite in the compute dtype) and launch hints. The hints are advisory: any positive

@@ -45,16 +45,13 @@ from typing import Any, Tuple
 
 import torch
 
+from .ops import _compute_dtype
 from .reference import chunkwise_fw_reference
 
 __all__ = []
 
 # The differentiable inputs of chunkwise_fw, in schema order (the rest are scalars).
 _N_TENSOR_INPUTS = 8
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:

@@ -4,6 +4,7 @@ mlstm_kernels' chunkwise kernels (``mlstm_chunkwise__xl_chunk``, ``mlstm_chunkwi
 Forward: the compiled op ``torch.ops.mlstm.chunkwise_fw`` (recurrent step, then the H step).
 Backward: its registered autograd formula (``mlstm_ext.autograd``).
 """
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -87,15 +88,13 @@ def mlstm_chunkwise(
             f"or mode='inference', which pad before calling the kernel) or pick another chunk_size")
 
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
         # As mlstm_kernels' custom_fwd(cast_inputs=autocast_kernel_dtype): the kernel sees the
         # autocast dtype and runs with autocast off. float64 is left alone, as custom_fwd does.
         q, k, v = (t.to(autocast_kernel_dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
                    for t in (q, k, v))
-        with torch.autocast(device_type, enabled=False):
-            outs = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, c_initial, n_initial, m_initial,
-                                                qk_scale, chunk_size, eps, grad_mode)
-    else:
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         outs = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, c_initial, n_initial, m_initial,
                                             qk_scale, chunk_size, eps, grad_mode)
     matH, matC_last, vecN_last, scaM_last = outs[0], outs[1], outs[2], outs[3]

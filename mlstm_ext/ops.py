@@ -9,6 +9,7 @@ A fake kernel (what torch.compile and torch.export trace with) does two things:
 2. returns outputs whose sizes are expressions of the (possibly symbolic) input sizes.
 Fake tensors have no data, so a fake kernel can neither fail on values nor produce them.
 """
+import functools
 import inspect
 from typing import Any, Callable, Dict, Sequence
 
@@ -22,6 +23,7 @@ __all__ = ["parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw"]
 # Shared machinery
 
 
+@functools.lru_cache(maxsize=None)
 def _signature(op: torch._ops.OpOverload) -> inspect.Signature:
     params = []
     for a in op._schema.arguments:
