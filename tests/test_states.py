@@ -413,7 +413,6 @@ def test_chunkwise_fw_vs_quadratic(seed, device):
     assert_close(H[keep], Hq.cpu()[keep], 5e-5, "matH (chunkwise_fw vs quadratic)")
 
 
-@pytest.mark.xfail(reason="parallel_fw_hintra's CPU kernel has no float64 path yet", strict=False)
 def test_chunkwise_fw_float64(seed):
     kw = make_states_inputs(seed, 1, 2, 64, 8, 12, 16, F64, init=True, with_q=True)
     H, C_last, n_last, m_last, vecN, vecM = run_forward(kw)
