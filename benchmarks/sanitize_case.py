@@ -54,6 +54,14 @@ STATES_CASES = {
     "states_unaligned_bf16": ((2, 2, 128, 50, 70, 64), torch.bfloat16, 2e-5),
 }
 
+# The backward (chunkwise_fw, then chunkwise_bw with random incoming gradients and initial
+# states): name: ((B, NH, S, DHQK, DHHV, L), dtype, tolerance on every gradient vs float64)
+BACKWARD_CASES = {
+    "backward_bf16": ((2, 2, 256, 64, 64, 64), torch.bfloat16, 3e-2),
+    # odd head dims, L = 16; the state scan's partial blocks (E = 50 * 70)
+    "backward_odd_fp32": ((1, 2, 96, 50, 70, 16), torch.float32, 2e-5),
+}
+
 # The H step's rare paths: chunks whose gates are wide (exact exponents) and tiles whose
 # accumulators come out non-finite (exact recomputation). name: ((B, NH, S, DHQK, DHHV, L), dtype, how)
 HOSTILE_CASES = {
@@ -98,7 +106,7 @@ def run_case(name: str, dev: torch.device, gen: torch.Generator) -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    names = list(CASES) + list(STATES_CASES) + list(HOSTILE_CASES)
+    names = list(CASES) + list(STATES_CASES) + list(BACKWARD_CASES) + list(HOSTILE_CASES)
     p.add_argument("--cases", default=",".join(names), help=f"comma list of {', '.join(names)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -114,6 +122,8 @@ def main(argv=None):
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         if name in STATES_CASES:
             results.append(states_case(name, *STATES_CASES[name], dev, gen, ref.recurrent_fw_states))
+        elif name in BACKWARD_CASES:
+            results.append(backward_case(name, *BACKWARD_CASES[name], dev, gen))
         elif name in HOSTILE_CASES:
             results.append(hostile_case(name, *HOSTILE_CASES[name], dev, gen))
         else:
@@ -169,6 +179,32 @@ def states_case(name, shape, dtype, tol, dev, gen, reference):
         print(f"{name:9} (B,NH,S,DHQK,DHHV,L)={(B, NH, s_used, DQ, DV, L)} {str(dtype)[6:]:8} "
               f"C/n/m rel err {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e} "
               f"{'PASS' if all(e <= tol for e in errs) else 'FAIL'} (tol {tol:g})", flush=True)
+    return ok
+
+
+def backward_case(name, shape, dtype, tol, dev, gen):
+    """chunkwise_bw on `dev` vs float64 autograd through the reference chain (m detached)."""
+    B, NH, S, DQ, DV, L = shape
+
+    def rn(*s):
+        return torch.randn(*s, generator=gen)
+
+    x = [rn(B, NH, S, DQ).to(dtype), rn(B, NH, S, DQ).to(dtype), rn(B, NH, S, DV).to(dtype), rn(B, NH, S),
+         3.0 + rn(B, NH, S), rn(B, NH, DQ, DV), rn(B, NH, DQ), rn(B, NH)]
+    dH, dC, dN = rn(B, NH, S, DV).to(dtype), rn(B, NH, DQ, DV), rn(B, NH, DQ)
+    d = [t.to(dev) for t in x]
+    out = mlstm_ext.chunkwise_fw(*d, chunk_size=L)
+    got = mlstm_ext.chunkwise_bw(*d, out[0], out[4], out[5], dH.to(dev), dC.to(dev), dN.to(dev), chunk_size=L)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    leaves = [t.double().requires_grad_() for t in x[:7]]
+    H, C, n = ref.chunkwise_fw_reference(*leaves, x[7].double(), chunk_size=L, compute_dtype=torch.float64,
+                                         detach_m=True)[:3]
+    want = torch.autograd.grad([H, C, n], leaves, [dH.double(), dC.double(), dN.double()])
+    errs = [ref.rel_norm_err(g.cpu(), w) for g, w in zip(got, want)]
+    ok = all(e <= tol for e in errs)
+    print(f"{name:16} bw      {shape} {str(dtype)[6:]:8} dQ/dK/dV/dI/dF/dC0/dN0 rel err "
+          + "/".join(f"{e:.1e}" for e in errs) + f" {'PASS' if ok else 'FAIL'}", flush=True)
     return ok
 
 

@@ -10,6 +10,7 @@
 #ifdef MLSTM_EXT_WITH_CUDA
 #include "cuda/device_facts.h"
 #endif
+#include "backward.h"
 #include "forward.h"
 #include "hintra.h"
 #include "states.h"
@@ -25,6 +26,7 @@ struct CpuBackend {
   static at::ScalarType stats_dtype(const HintraArgs& a) { return a.output_dtype; }
   static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cpu(a, H, N, M); }
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cpu(a, C, n, m); }
+  static void backward(const BackwardArgs& a, BackwardOutputs& out) { chunkwise_bw_compute(a, &states_cpu, out); }
 };
 
 #ifdef MLSTM_EXT_WITH_CUDA
@@ -32,6 +34,11 @@ struct CudaBackend {
   static at::ScalarType stats_dtype(const HintraArgs&) { return at::kFloat; }
   static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cuda(a, H, N, M); }
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cuda(a, C, n, m); }
+  static void backward(const BackwardArgs& a, BackwardOutputs& out) {
+    TORCH_CHECK(a.fw.matQ.scalar_type() != at::kDouble,
+                "chunkwise_bw: float64 inputs run on the CPU only; got float64 matQ on ", a.fw.matQ.device());
+    chunkwise_bw_compute(a, &states_cuda, out);
+  }
 };
 #else
 struct CudaBackend {
@@ -43,6 +50,7 @@ struct CudaBackend {
   }
   static void hintra(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) { missing(); }
   static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) { missing(); }
+  static void backward(const BackwardArgs&, BackwardOutputs&) { missing(); }
 };
 #endif
 
@@ -51,6 +59,7 @@ struct MetaBackend {
   static at::ScalarType stats_dtype(const HintraArgs& a) { return a.output_dtype; }
   static void hintra(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
   static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
+  static void backward(const BackwardArgs&, BackwardOutputs&) {}
 };
 
 // ---- Op kernels. ----
@@ -109,6 +118,26 @@ ForwardOutputs chunkwise_fw(const at::Tensor& matQ, const at::Tensor& matK, cons
   const int64_t NC = f.states.NC, DHQK = f.states.DHQK;
   return {matH, matC_all.narrow(2, NC * DHQK, DHQK).clone(), vecN_all.narrow(2, NC * DHQK, DHQK).clone(),
           scaM_all.select(2, NC).clone(), vecN, vecM};
+}
+
+template <class Backend>
+BackwardOutputs chunkwise_bw(const at::Tensor& matQ, const at::Tensor& matK, const at::Tensor& matV,
+                             const at::Tensor& vecI, const at::Tensor& vecF,
+                             const std::optional<at::Tensor>& matC_initial,
+                             const std::optional<at::Tensor>& vecN_initial,
+                             const std::optional<at::Tensor>& scaM_initial, const at::Tensor& matH,
+                             const at::Tensor& vecN, const at::Tensor& vecM,
+                             const std::optional<at::Tensor>& matDeltaH,
+                             const std::optional<at::Tensor>& matDeltaC_last,
+                             const std::optional<at::Tensor>& vecDeltaN_last,
+                             std::optional<double> qk_scale, int64_t chunk_size, double eps,
+                             c10::string_view grad_mode) {
+  const BackwardArgs a = check_backward_args(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
+                                             scaM_initial, matH, vecN, vecM, matDeltaH, matDeltaC_last,
+                                             vecDeltaN_last, qk_scale, chunk_size, eps, grad_mode);
+  BackwardOutputs out = allocate_backward_outputs(a);
+  Backend::backward(a, out);
+  return out;
 }
 
 // Autograd key: ops without a backward refuse inputs that require grad (under grad mode) rather
@@ -182,11 +211,24 @@ constexpr const char* kForwardSchema =
     "float eps=1e-6, str grad_mode=\"exact\") -> (Tensor matH, Tensor matC_last, Tensor vecN_last, "
     "Tensor scaM_last, Tensor vecN, Tensor vecM)";
 
+// The backward of chunkwise_fw: the forward's inputs and the outputs it reads (matH, vecN, vecM),
+// the incoming gradients (None: zero), the forward's scalars. Returns the gradients of matQ, matK,
+// matV (their dtype), vecI, vecF, matC_initial, vecN_initial (compute dtype; zeros for absent
+// initial states).
+constexpr const char* kBackwardSchema =
+    "(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor? matC_initial, "
+    "Tensor? vecN_initial, Tensor? scaM_initial, Tensor matH, Tensor vecN, Tensor vecM, "
+    "Tensor? matDeltaH, Tensor? matDeltaC_last, Tensor? vecDeltaN_last, float? qk_scale=None, "
+    "int chunk_size=64, float eps=1e-6, str grad_mode=\"exact\") -> (Tensor matDeltaQ, "
+    "Tensor matDeltaK, Tensor matDeltaV, Tensor vecDeltaI, Tensor vecDeltaF, Tensor matDeltaC_initial, "
+    "Tensor vecDeltaN_initial)";
+
 template <class Backend>
 void register_kernels(torch::Library& m, const std::string& prefix = "") {
   m.impl((prefix + "parallel_fw_hintra").c_str(), &parallel_fw_hintra<Backend>);
   m.impl((prefix + "recurrent_fw_states").c_str(), &recurrent_fw_states<Backend>);
   m.impl((prefix + "chunkwise_fw").c_str(), &chunkwise_fw<Backend>);
+  m.impl((prefix + "chunkwise_bw").c_str(), &chunkwise_bw<Backend>);
 }
 
 }  // namespace
@@ -198,6 +240,7 @@ TORCH_LIBRARY(mlstm, m) {
     m.def((prefix + "parallel_fw_hintra" + kHintraSchema).c_str());
     m.def((prefix + "recurrent_fw_states" + kStatesSchema).c_str());
     m.def((prefix + "chunkwise_fw" + kForwardSchema).c_str());
+    m.def((prefix + "chunkwise_bw" + kBackwardSchema).c_str());
   }
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("_built_with_sm90a() -> bool", &built_with_sm90a);
@@ -211,7 +254,8 @@ TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m, "_check_")
 TORCH_LIBRARY_IMPL(mlstm, Autograd, m) {
   // chunkwise_fw is differentiable: its autograd formula is registered from Python
   // (mlstm_ext/autograd.py).
-  for (const char* op : {"parallel_fw_hintra", "recurrent_fw_states"}) {
+  // chunkwise_bw has no backward of its own (no double backward).
+  for (const char* op : {"parallel_fw_hintra", "recurrent_fw_states", "chunkwise_bw"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   }
 }

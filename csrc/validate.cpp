@@ -6,8 +6,10 @@
 #include <cfloat>
 #include <cmath>
 #include <initializer_list>
+#include <tuple>
 #include <utility>
 
+#include "backward.h"
 #include "forward.h"
 #include "hintra.h"
 #include "states.h"
@@ -286,16 +288,18 @@ StatesArgs check_states_args(const at::Tensor& matK, const at::Tensor& matV,
                              vecN_initial, scaM_initial, chunk_size);
 }
 
-ForwardArgs check_forward_args(const at::Tensor& matQ, const at::Tensor& matK,
-                               const at::Tensor& matV, const at::Tensor& vecI,
-                               const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
-                               const std::optional<at::Tensor>& vecN_initial,
-                               const std::optional<at::Tensor>& scaM_initial,
-                               std::optional<double> qk_scale, int64_t chunk_size, double eps,
-                               c10::string_view grad_mode) {
-  const Checker c{"chunkwise_fw"};
-  TORCH_CHECK(grad_mode == "exact" || grad_mode == "normaliser_constant",
-              "chunkwise_fw: grad_mode must be \"exact\" or \"normaliser_constant\", got \"",
+namespace {
+
+// The forward's inputs, for chunkwise_fw and for its backward (messages name `op`).
+ForwardArgs check_forward_common(const Checker& c, const at::Tensor& matQ, const at::Tensor& matK,
+                                 const at::Tensor& matV, const at::Tensor& vecI,
+                                 const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
+                                 const std::optional<at::Tensor>& vecN_initial,
+                                 const std::optional<at::Tensor>& scaM_initial,
+                                 std::optional<double> qk_scale, int64_t chunk_size, double eps,
+                                 c10::string_view grad_mode) {
+  TORCH_CHECK(grad_mode == "exact" || grad_mode == "normaliser_constant", c.op,
+              ": grad_mode must be \"exact\" or \"normaliser_constant\", got \"",
               std::string(grad_mode), "\"");
   c.rank(matQ, "matQ", 4, "(B, NH, S, DHQK)");
   c.rank(matK, "matK", 4, "(B, NH, S, DHQK)");
@@ -315,6 +319,72 @@ ForwardArgs check_forward_args(const at::Tensor& matQ, const at::Tensor& matK,
                                              : (DHQK > 0 ? 1.0 / std::sqrt((double)DHQK) : 1.0),
                         "qk_scale", compute, false);
   a.eps = c.scalar(eps, "eps", compute, true);
+  return a;
+}
+
+// An optional tensor of the given shape on matQ's device; returned in `dtype`, undefined if absent.
+at::Tensor check_optional(const Checker& c, const std::optional<at::Tensor>& t, const char* name,
+                          const char* layout, std::initializer_list<std::pair<int64_t, const char*>> want,
+                          const at::Tensor& matQ, at::ScalarType dtype) {
+  if (!t.has_value()) return at::Tensor();
+  c.rank(*t, name, static_cast<int64_t>(want.size()), layout);
+  c.device(*t, name, matQ, "matQ");
+  c.floating(*t, name);
+  c.dims(*t, name, want);
+  return t->to(dtype);
+}
+
+}  // namespace
+
+ForwardArgs check_forward_args(const at::Tensor& matQ, const at::Tensor& matK,
+                               const at::Tensor& matV, const at::Tensor& vecI,
+                               const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
+                               const std::optional<at::Tensor>& vecN_initial,
+                               const std::optional<at::Tensor>& scaM_initial,
+                               std::optional<double> qk_scale, int64_t chunk_size, double eps,
+                               c10::string_view grad_mode) {
+  return check_forward_common(Checker{"chunkwise_fw"}, matQ, matK, matV, vecI, vecF, matC_initial,
+                              vecN_initial, scaM_initial, qk_scale, chunk_size, eps, grad_mode);
+}
+
+BackwardArgs check_backward_args(
+    const at::Tensor& matQ, const at::Tensor& matK, const at::Tensor& matV, const at::Tensor& vecI,
+    const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
+    const std::optional<at::Tensor>& vecN_initial, const std::optional<at::Tensor>& scaM_initial,
+    const at::Tensor& matH, const at::Tensor& vecN, const at::Tensor& vecM,
+    const std::optional<at::Tensor>& matDeltaH, const std::optional<at::Tensor>& matDeltaC_last,
+    const std::optional<at::Tensor>& vecDeltaN_last, std::optional<double> qk_scale,
+    int64_t chunk_size, double eps, c10::string_view grad_mode) {
+  const Checker c{"chunkwise_bw"};
+  BackwardArgs a;
+  a.fw = check_forward_common(c, matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
+                              scaM_initial, qk_scale, chunk_size, eps, grad_mode);
+  a.exact = grad_mode == "exact";
+  const StatesArgs& s = a.fw.states;
+  const at::ScalarType compute = compute_dtype_of(matQ);
+  // The forward's outputs it reads: matH in matQ's dtype, vecN and vecM in any float dtype.
+  c.rank(matH, "matH", 4, "(B, NH, S, DHHV)");
+  c.device(matH, "matH", matQ, "matQ");
+  c.same_dtype(matH, "matH", matQ, "matQ");
+  c.dims(matH, "matH", {{s.B, "B"}, {s.NH, "NH"}, {s.S, "S"}, {s.DHHV, "DHHV"}});
+  a.matH = matH;
+  for (auto [t, name, out] : {std::tuple<const at::Tensor&, const char*, at::Tensor*>{vecN, "vecN", &a.vecN},
+                              {vecM, "vecM", &a.vecM}}) {
+    c.rank(t, name, 3, "(B, NH, S)");
+    c.device(t, name, matQ, "matQ");
+    c.floating(t, name);
+    c.dims(t, name, {{s.B, "B"}, {s.NH, "NH"}, {s.S, "S"}});
+    *out = t.to(compute);
+  }
+  // Incoming gradients (None: zero).
+  a.matDeltaH = check_optional(c, matDeltaH, "matDeltaH", "(B, NH, S, DHHV)",
+                               {{s.B, "B"}, {s.NH, "NH"}, {s.S, "S"}, {s.DHHV, "DHHV"}}, matQ,
+                               matDeltaH.has_value() ? matDeltaH->scalar_type() : compute);
+  a.matDeltaC_last = check_optional(c, matDeltaC_last, "matDeltaC_last", "(B, NH, DHQK, DHHV)",
+                                    {{s.B, "B"}, {s.NH, "NH"}, {s.DHQK, "DHQK"}, {s.DHHV, "DHHV"}},
+                                    matQ, compute);
+  a.vecDeltaN_last = check_optional(c, vecDeltaN_last, "vecDeltaN_last", "(B, NH, DHQK)",
+                                    {{s.B, "B"}, {s.NH, "NH"}, {s.DHQK, "DHQK"}}, matQ, compute);
   return a;
 }
 

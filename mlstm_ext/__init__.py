@@ -1,7 +1,7 @@
 """mlstm_ext: the chunkwise mLSTM of xLSTM as compiled PyTorch operators.
 
 Importing this package loads the compiled library, which registers the ops
-``torch.ops.mlstm.{parallel_fw_hintra, recurrent_fw_states, chunkwise_fw}`` (CPU, and CUDA when
+``torch.ops.mlstm.{parallel_fw_hintra, recurrent_fw_states, chunkwise_fw, chunkwise_bw}`` (CPU, and CUDA when
 built with it), and registers their fake kernels (``mlstm_ext.ops``) for torch.compile /
 torch.export.
 """
@@ -16,6 +16,7 @@ __all__ = [
     "parallel_fw_hintra",
     "recurrent_fw_states",
     "chunkwise_fw",
+    "chunkwise_bw",
     "mlstm_chunkwise",
     "register_backend",
     "mlstm_chunkwise__parallel_fw_Hintra",
@@ -45,7 +46,7 @@ _check_build()  # ImportError, before loading, if _C was built against another t
 torch.ops.load_library(library_path())
 
 from . import ops  # noqa: E402  (wrappers and fake kernels of every op)
-from .ops import chunkwise_fw, parallel_fw_hintra, recurrent_fw_states  # noqa: E402
+from .ops import chunkwise_bw, chunkwise_fw, parallel_fw_hintra, recurrent_fw_states  # noqa: E402
 from . import autograd  # noqa: E402,F401  (registers chunkwise_fw's backward)
 from .chunkwise import mlstm_chunkwise  # noqa: E402
 

@@ -3,7 +3,8 @@
 1. Picks the device: CUDA when a GPU is present and the library has its CUDA kernels, else the CPU.
 2. Self-check: every op on fresh random inputs (``reference.random_inputs``) in float32, bfloat16
    and float16 against its float64 reference on the same inputs (``mlstm_ext.reference``):
-   parallel_fw_hintra, recurrent_fw_states and chunkwise_fw, every output. Prints the
+   parallel_fw_hintra, recurrent_fw_states, chunkwise_fw and chunkwise_bw (against float64
+   autograd through the reference), every output. Prints the
    relative-norm errors ||x - x64|| / ||x64|| and PASS/FAIL against ``reference.TOLERANCES``;
    exits 1 on any failure, before timing.
 3. A short timing table: each op against its PyTorch eager reference (the same reference
@@ -53,13 +54,39 @@ def _forward_ref(x, L, dt):
     return ref.chunkwise_fw_reference(*x[:5], chunk_size=L, compute_dtype=dt)
 
 
+def _incoming(x):
+    """Incoming gradients of the backward, from the random inputs: dH = V reversed along S, and
+    the first state slot as the last states' gradients."""
+    DHQK = x[0].shape[-1]
+    return x[2].flip(2), x[5][:, :, :DHQK].float(), x[6][:, :, :DHQK].float()
+
+
+def _backward(x, L):
+    out = mlstm_ext.chunkwise_fw(*x[:5], chunk_size=L)
+    return mlstm_ext.chunkwise_bw(*x[:5], None, None, None, out[0], out[4], out[5], *_incoming(x),
+                                  chunk_size=L)
+
+
+def _backward_ref(x, L, dt):
+    B, NH, _, DHQK = x[0].shape
+    leaves = [t.detach().to(dt).requires_grad_() for t in x[:5]]
+    C0 = torch.zeros(B, NH, DHQK, x[2].shape[-1], dtype=dt, device=x[0].device, requires_grad=True)
+    n0 = torch.zeros(B, NH, DHQK, dtype=dt, device=x[0].device, requires_grad=True)
+    with torch.enable_grad():
+        H, C, n = ref.chunkwise_fw_reference(*leaves, C0, n0, chunk_size=L, compute_dtype=dt,
+                                             detach_m=True)[:3]
+        return torch.autograd.grad([H, C, n], leaves + [C0, n0], [d.to(dt) for d in _incoming(x)])
+
+
 # name: (op, reference, output names)
 OPS = {
     "parallel_fw_hintra": (_hintra, _hintra_ref, ("matH", "vecN", "vecM")),
     "recurrent_fw_states": (_states, _states_ref, ("matC_all", "vecN_all", "scaM_all")),
     "chunkwise_fw": (_forward, _forward_ref,
                      ("matH", "matC_last", "vecN_last", "scaM_last", "vecN", "vecM")),
+    "chunkwise_bw": (_backward, _backward_ref, ("dQ", "dK", "dV", "dI", "dF", "dC0", "dN0")),
 }
+IN_DTYPE_OUTPUTS = ("matH", "dQ", "dK", "dV")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +105,10 @@ def check_one(op_name: str, x, L: int, device: torch.device) -> List[str]:
     if len(outs) != len(names):
         problems.append(f"{len(outs)} outputs, expected {len(names)}")
     for name, out, r in zip(names, outs, refs):
-        want_dtype = in_dtype if name == "matH" else torch.float32
+        want_dtype = in_dtype if name in IN_DTYPE_OUTPUTS else torch.float32
         tol = tol_h if name == "matH" else tol_f32
+        if op_name == "chunkwise_bw":
+            tol = ref.BACKWARD_TOLERANCES[in_dtype]
         err = ref.rel_norm_err(out, r)
         cells.append(f"{name} {err:.1e}")
         if out.dtype != want_dtype or out.shape != r.shape:
@@ -221,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"and mlstm_ext.has_cuda_kernels() = {mlstm_ext.has_cuda_kernels()}", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    print("mlstm_ext: the chunkwise mLSTM forward (torch.ops.mlstm: " + ", ".join(OPS) + ")")
+    print("mlstm_ext: the chunkwise mLSTM forward and backward (torch.ops.mlstm: " + ", ".join(OPS) + ")")
     print(f"library: {mlstm_ext.library_path()} (CUDA kernels: {mlstm_ext.has_cuda_kernels()})")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}")
     print("device:", describe(device))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Sequence
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-__all__ = ["parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw"]
+__all__ = ["parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw", "chunkwise_bw"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,3 +168,32 @@ def _chunkwise_fw_fake(*args, **kwargs):
     return (matQ.new_empty((B, NH, S, DHHV)), matQ.new_empty((B, NH, DHQK, DHHV), dtype=dt),
             matQ.new_empty((B, NH, DHQK), dtype=dt), matQ.new_empty((B, NH), dtype=dt),
             matQ.new_empty((B, NH, S), dtype=dt), matQ.new_empty((B, NH, S), dtype=dt))
+
+
+# ---------------------------------------------------------------------------------------------
+# chunkwise_bw: the backward of the whole forward
+
+chunkwise_bw = _wrapper(torch.ops.mlstm.chunkwise_bw.default, """\
+The backward of ``chunkwise_fw`` (SPEC.md, "Gradients" and "The backward"); autograd calls it
+(mlstm_ext/autograd.py), and it can be called directly.
+
+Takes the forward's inputs, its outputs ``matH``, ``vecN``, ``vecM``, the incoming gradients of
+matH, matC_last and vecN_last (None for zero) and the forward's scalars. Returns the gradients
+``(dQ, dK, dV, dI, dF, dC_initial, dN_initial)``: the first three in matQ's dtype, the rest in
+float32 (float64 for float64 inputs); the initial states' are those of zero states when none
+were given.""")
+
+
+@torch.library.register_fake("mlstm::chunkwise_bw")
+def _chunkwise_bw_fake(*args, **kwargs):
+    op = torch.ops.mlstm.chunkwise_bw.default
+    _validate(op, args, kwargs)
+    a = _bind(op, args, kwargs)
+    matQ, matV = a["matQ"], a["matV"]
+    B, NH, S, DHQK = matQ.shape
+    DHHV = matV.shape[-1]
+    dt = _compute_dtype(matQ)
+    return (matQ.new_empty((B, NH, S, DHQK)), matQ.new_empty((B, NH, S, DHQK)),
+            matQ.new_empty((B, NH, S, DHHV)), matQ.new_empty((B, NH, S), dtype=dt),
+            matQ.new_empty((B, NH, S), dtype=dt), matQ.new_empty((B, NH, DHQK, DHHV), dtype=dt),
+            matQ.new_empty((B, NH, DHQK), dtype=dt))

@@ -1,0 +1,274 @@
+// The backward of chunkwise_fw (SPEC.md, "The backward"), written once for every device: batched
+// GEMMs over all chunks at once (on CUDA, 16-bit operands on tensor cores with float32 results),
+// elementwise ATen ops for the gate arithmetic, the backend's states kernel for the recompute and
+// the backend's reverse state scan. (batch, head) pairs run in groups so that the workspace stays
+// under workspace_cap() whatever the batch.
+#include <c10/core/DeviceGuard.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <initializer_list>
+#include <vector>
+
+#include "backward.h"
+
+// GEMMs of 16-bit operands with float32 results (aten::bmm.dtype, baddbmm.dtype) since torch 2.8;
+// before, the operands are converted to float32.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define MLSTM_EXT_OUT_DTYPE_GEMM 1
+#endif
+
+namespace mlstm {
+namespace {
+
+// The workspace cap: 640 MiB, or MLSTM_EXT_BACKWARD_WORKSPACE_MB (more: fewer, larger groups).
+int64_t workspace_cap() {
+  const char* v = std::getenv("MLSTM_EXT_BACKWARD_WORKSPACE_MB");
+  const long long mb = v != nullptr ? std::atoll(v) : 0;
+  return (mb > 0 ? static_cast<int64_t>(mb) : 640) << 20;
+}
+
+// Workspace of one (batch, head) pair in bytes, as run_group holds it at its peak: the states,
+// their gradients and 16-bit copies of both; per-position rows of the head dims (float32
+// gradients, scaled 16-bit operands); three L x L matrices per chunk.
+int64_t workspace_per_pair(const StatesArgs& s) {
+  const int64_t states = (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1);
+  return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 8) + 12 * s.NC * s.L * s.L;
+}
+
+// alpha * x @ y: 16-bit operands with float32 results (tensor cores) when lp != ct, else in ct.
+at::Tensor bmm(const at::Tensor& x, const at::Tensor& y, at::ScalarType lp, at::ScalarType ct,
+               double alpha = 1.0) {
+  at::Tensor out;
+#ifdef MLSTM_EXT_OUT_DTYPE_GEMM
+  if (lp != ct) out = at::bmm(x.to(lp), y.to(lp), ct);
+#endif
+  if (!out.defined()) out = at::bmm(x.to(ct), y.to(ct));
+  return alpha == 1.0 ? out : out.mul_(alpha);
+}
+
+// acc += alpha * x @ y, accumulated by the GEMM itself (acc in ct).
+void bmm_acc(at::Tensor& acc, const at::Tensor& x, const at::Tensor& y, at::ScalarType lp,
+             at::ScalarType ct, double alpha = 1.0) {
+#ifdef MLSTM_EXT_OUT_DTYPE_GEMM
+  if (lp != ct) {
+    at::baddbmm_out(acc, acc, x.to(lp), y.to(lp), ct, 1.0, alpha);
+    return;
+  }
+#endif
+  acc.baddbmm_(x.to(ct), y.to(ct), 1.0, alpha);
+}
+
+// x * scale (broadcast) written in dtype lp: one pass, no float32 intermediate.
+at::Tensor scaled(const at::Tensor& x, const at::Tensor& scale, at::ScalarType lp) {
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(lp));
+  at::mul_out(out, x, scale);
+  return out;
+}
+
+at::Tensor reverse_state_scan(at::Tensor& X, const at::Tensor& decay, const at::Tensor& last,
+                              at::Tensor& first, const at::Tensor& states, int64_t states_stride_g) {
+#ifdef MLSTM_EXT_WITH_CUDA
+  if (X.is_cuda()) return reverse_state_scan_cuda(X, decay, last, first, states, states_stride_g);
+#endif
+  return reverse_state_scan_cpu(X, decay, last, first, states, states_stride_g);
+}
+
+struct Plan {
+  const BackwardArgs& a;
+  StatesKernel states_kernel;
+  int64_t BH, S, DQ, DV, L, NC;
+  at::ScalarType ct, lp;
+  // (BH, ...) views of the inputs.
+  at::Tensor Q, K, V, I, F, H, dH, den, m, C0, N0, M0, dCl, dNl;
+  at::Tensor upper;  // (L, L): s > t, the entries no row reads
+};
+
+// Gradients of g pairs starting at g0, written into the outputs' slices.
+void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
+  const int64_t NC = p.NC, L = p.L, DQ = p.DQ, DV = p.DV, E = DQ * DV;
+  const at::ScalarType ct = p.ct, lp = p.lp;
+  const double qk_scale = p.a.fw.qk_scale;
+  auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
+
+  // The chunk-border states (recurrent_fw_states of this group), float32/float64, NC+1 slots.
+  StatesArgs sa = p.a.fw.states;
+  sa.B = 1, sa.NH = g;
+  sa.matK = sl(p.K).unsqueeze(0), sa.matV = sl(p.V).unsqueeze(0);
+  sa.vecI = sl(p.I).unsqueeze(0), sa.vecF = sl(p.F).unsqueeze(0);
+  sa.matC_initial = p.C0.defined() ? sl(p.C0).unsqueeze(0) : at::Tensor();
+  sa.vecN_initial = p.N0.defined() ? sl(p.N0).unsqueeze(0) : at::Tensor();
+  sa.scaM_initial = p.M0.defined() ? sl(p.M0).unsqueeze(0) : at::Tensor();
+  auto [C_all, N_all, M_all] = allocate_states_outputs(sa);
+  p.states_kernel(sa, C_all, N_all, M_all);
+  C_all = C_all.view({g, NC + 1, DQ, DV});
+  N_all = N_all.view({g, NC + 1, DQ});
+  M_all = M_all.view({g, NC + 1});
+
+  // Gates (g, NC, L) and per-chunk factors (g, NC); m_k, m_{k+1}, m[t] are constants.
+  const at::Tensor I = sl(p.I).view({g, NC, L}), F = sl(p.F).view({g, NC, L});
+  const at::Tensor m = sl(p.m).view({g, NC, L});
+  const at::Tensor bg = at::log_sigmoid(F).cumsum(-1);
+  const at::Tensor m_prev = M_all.narrow(1, 0, NC), m_next = M_all.narrow(1, 1, NC);
+  const at::Tensor g_k = bg.select(-1, L - 1);
+  // gq[t]: weight of the incoming state in row t; ga[s]: of key s in the next state.
+  const at::Tensor gq = at::exp((bg + m_prev.unsqueeze(-1)) - m).mul_(qk_scale);
+  const at::Tensor ga = at::exp((g_k.unsqueeze(-1) - bg) + (I - m_next.unsqueeze(-1)));
+  const at::Tensor decay = at::exp((g_k + m_prev) - m_next);
+
+  // Inputs as (g * NC, L, D) batches of chunks, in their own dtype.
+  const at::Tensor Q = sl(p.Q).reshape({g * NC, L, DQ}), K = sl(p.K).reshape({g * NC, L, DQ});
+  const at::Tensor V = sl(p.V).reshape({g * NC, L, DV});
+  auto rows = [&](const at::Tensor& t) { return t.view({g, NC, L, t.size(-1)}); };
+
+  // Intra-chunk weights W = qk_scale (q_t . k_s) P[t, s], P = exp(bg[t] - bg[s] + i[s] - m[t]);
+  // the masks keep later rows (even NaN or Inf ones) out of earlier ones.
+  at::Tensor P = bg.unsqueeze(-1) - bg.unsqueeze(-2);
+  P.add_(I.unsqueeze(-2)).sub_(m.unsqueeze(-1)).exp_().masked_fill_(p.upper, 0);
+  at::Tensor W = bmm(Q, K.transpose(1, 2), lp, ct, qk_scale).view({g, NC, L, L});
+  W.mul_(P).masked_fill_(p.upper, 0);
+
+  // Incoming gradients of num and nsum: H = num / (den + eps). dnum in lp, and scaled by gq
+  // (what the incoming state's terms need).
+  const at::Tensor r = (sl(p.den).view({g, NC, L}) + p.a.fw.eps).reciprocal();
+  const at::Tensor dH = p.dH.defined() ? sl(p.dH).view({g, NC, L, DV}) : at::Tensor();
+  const auto lp_opts = Q.options().dtype(lp);
+  const at::Tensor dnum = dH.defined() ? scaled(dH, r.unsqueeze(-1), lp).view({g * NC, L, DV})
+                                       : at::zeros({g * NC, L, DV}, lp_opts);
+  const at::Tensor dnum_gq = dH.defined() ? scaled(dH, (r * gq).unsqueeze(-1), lp).view({g * NC, L, DV})
+                                          : at::zeros({g * NC, L, DV}, lp_opts);
+  const at::Tensor N_prev = N_all.narrow(1, 0, NC).reshape({g * NC, DQ, 1});
+  at::Tensor dnsum;  // (g, NC, L), "exact" with an incoming dH only
+  at::Tensor Qc;     // Q in ct, for the normaliser's terms: nsum's sign and dnsum cancel finely
+  if (p.a.exact && dH.defined()) {
+    // den = max(|nsum|, exp(-m)): the gradient follows |nsum| where it is the larger.
+    Qc = Q.to(ct);
+    const at::Tensor qn = at::bmm(Qc, N_prev).view({g, NC, L});
+    const at::Tensor nsum = W.sum(-1) + gq * qn;
+    const at::Tensor dden = (dH.to(ct) * sl(p.H).view({g, NC, L, DV})).sum(-1).mul_(r).neg_();
+    dnsum = at::where(nsum.abs() < at::exp(-m), at::zeros({}, dden.options()), dden * nsum.sign());
+  }
+
+  // Intra-chunk part: dW = dnum v^T (+ dnsum), dV = W^T dnum, d(q.k) = qk_scale dW P,
+  // d log P = dW W.
+  at::Tensor dW = bmm(dnum, V.transpose(1, 2), lp, ct).view({g, NC, L, L});
+  if (dnsum.defined()) dW.add_(dnsum.unsqueeze(-1));
+  dW.masked_fill_(p.upper, 0);
+  const at::Tensor W_lp = W.to(lp).view({g * NC, L, L});
+  const at::Tensor dSP = scaled(P, dW, lp).view({g * NC, L, L});
+  P.reset();
+  dW.mul_(W);
+  W.reset();
+  const at::Tensor cols = dW.sum(-2);
+  at::Tensor dbg = dW.sum(-1) - cols;  // d/d bg[t], m held fixed
+  at::Tensor dI = cols;
+  dW.reset();
+
+  // dQ: the incoming state's term gq[t] q_t (C_k, n_k) first (its gate gradient is q_t . dQ),
+  // then the intra-chunk term.
+  const at::Tensor C_prev = C_all.narrow(1, 0, NC).to(lp).reshape({g * NC, DQ, DV});
+  at::Tensor dQg = bmm(dnum_gq, C_prev.transpose(1, 2), lp, ct);
+  at::Tensor gq_dnsum;  // (g * NC, L, 1)
+  if (dnsum.defined()) {
+    gq_dnsum = (gq * dnsum).view({g * NC, L, 1});
+    dQg.baddbmm_(gq_dnsum, N_prev.transpose(1, 2));
+  }
+  dbg.add_((rows(dQg) * rows(Q)).sum(-1));
+  bmm_acc(dQg, dSP, K, lp, ct, qk_scale);
+
+  // The gradient reaching state k from chunk k's rows: sum_t gq[t] q_t^T (dnum_t, dnsum_t).
+  at::Tensor X = bmm(Q.transpose(1, 2), dnum_gq, lp, ct).view({g, NC, E});
+  at::Tensor Xn = gq_dnsum.defined() ? at::bmm(Qc.transpose(1, 2), gq_dnsum).view({g, NC, DQ})
+                                     : at::zeros({g, NC, DQ}, Q.options().dtype(ct));
+
+  // Back through the recurrence: X[k] becomes the gradient of state k+1.
+  at::Tensor dC0 = std::get<5>(out).view({p.BH, E}).narrow(0, g0, g);
+  at::Tensor dN0 = std::get<6>(out).view({p.BH, DQ}).narrow(0, g0, g);
+  const at::Tensor dCl = p.dCl.defined() ? sl(p.dCl) : at::Tensor();
+  const at::Tensor dNl = p.dNl.defined() ? sl(p.dNl) : at::Tensor();
+  const at::Tensor dots_C = reverse_state_scan(X, decay, dCl, dC0, C_all, (NC + 1) * E);
+  const at::Tensor dots_n = reverse_state_scan(Xn, decay, dNl, dN0, N_all, (NC + 1) * DQ);
+
+  // State k+1 = decay_k state k + sum_s ga[s] k_s (v_s^T, 1): dK gets ga[s] (G v_s + Gn),
+  // dV gets ga[s] k_s G, and log ga[s] gets k_s . (its dK term).
+  const at::Tensor G_next = X.view({g * NC, DQ, DV}).to(lp);
+  const at::Tensor ga3 = ga.view({g * NC, L, 1});
+  at::Tensor dKg = bmm(scaled(V, ga3, lp), G_next.transpose(1, 2), lp, ct);
+  rows(dKg).addcmul_(ga.unsqueeze(-1), Xn.unsqueeze(2));
+  const at::Tensor da = (rows(dKg) * rows(K)).sum(-1);
+  bmm_acc(dKg, dSP.transpose(1, 2), Q, lp, ct, qk_scale);
+  at::Tensor dVg = bmm(scaled(K, ga3, lp), G_next, lp, ct);
+  bmm_acc(dVg, W_lp.transpose(1, 2), dnum, lp, ct);
+
+  dI.add_(da);
+  dbg.sub_(da);
+  // g_k = bg[L-1] enters every ga of the chunk and the decay.
+  dbg.select(-1, L - 1).add_(da.sum(-1) + decay * (dots_C.sum(-1) + dots_n.sum(-1)));
+  // bg[t] = sum_{r <= t} logsigmoid(f[r]): a reverse cumulative sum within the chunk.
+  const at::Tensor dF = dbg.flip(-1).cumsum(-1).flip(-1).mul_(at::sigmoid(-F));
+
+  std::get<0>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g).copy_(dQg.view({g, p.S, DQ}));
+  std::get<1>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g).copy_(dKg.view({g, p.S, DQ}));
+  std::get<2>(out).view({p.BH, p.S, DV}).narrow(0, g0, g).copy_(dVg.view({g, p.S, DV}));
+  std::get<3>(out).view({p.BH, p.S}).narrow(0, g0, g).copy_(dI.view({g, p.S}));
+  std::get<4>(out).view({p.BH, p.S}).narrow(0, g0, g).copy_(dF.view({g, p.S}));
+}
+
+}  // namespace
+
+void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, BackwardOutputs& out) {
+  const StatesArgs& s = a.fw.states;
+  const c10::OptionalDeviceGuard guard(a.fw.matQ.device());
+  const int64_t BH = s.B * s.NH;
+  const at::ScalarType ct = s.vecI.scalar_type(), in = a.fw.matQ.scalar_type();
+  const bool tensor_cores = a.fw.matQ.is_cuda() && (in == at::kBFloat16 || in == at::kHalf);
+  Plan p{a, states_kernel, BH, s.S, s.DHQK, s.DHHV, s.L, s.NC, ct, tensor_cores ? in : ct};
+
+  if (BH == 0) return;
+  if (s.S == 0) {  // no chunks: the initial states' gradients are the last states'
+    const auto zero_or = [](at::Tensor& dst, const at::Tensor& src) {
+      src.defined() ? dst.copy_(src) : dst.zero_();
+    };
+    zero_or(std::get<5>(out), a.matDeltaC_last);
+    zero_or(std::get<6>(out), a.vecDeltaN_last);
+    return;
+  }
+  auto flat = [&](const at::Tensor& t, std::initializer_list<int64_t> rest) {
+    if (!t.defined()) return at::Tensor();
+    std::vector<int64_t> shape{BH};
+    shape.insert(shape.end(), rest);
+    return t.reshape(shape);
+  };
+  p.Q = flat(a.fw.matQ, {s.S, s.DHQK});
+  p.K = flat(s.matK, {s.S, s.DHQK});
+  p.V = flat(s.matV, {s.S, s.DHHV});
+  p.I = flat(s.vecI, {s.S});
+  p.F = flat(s.vecF, {s.S});
+  p.H = flat(a.matH, {s.S, s.DHHV});
+  p.dH = flat(a.matDeltaH, {s.S, s.DHHV});
+  p.den = flat(a.vecN, {s.S});
+  p.m = flat(a.vecM, {s.S});
+  p.C0 = flat(s.matC_initial, {s.DHQK, s.DHHV});
+  p.N0 = flat(s.vecN_initial, {s.DHQK});
+  p.M0 = flat(s.scaM_initial, {});
+  p.dCl = flat(a.matDeltaC_last, {s.DHQK * s.DHHV});
+  p.dNl = flat(a.vecDeltaN_last, {s.DHQK});
+  p.upper = at::ones({s.L, s.L}, a.fw.matQ.options().dtype(at::kBool)).triu(1);
+
+  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s));
+  const int64_t G = std::clamp<int64_t>(workspace_cap() / per, 1, BH);
+  for (int64_t g0 = 0; g0 < BH; g0 += G) run_group(p, g0, std::min(G, BH - g0), out);
+}
+
+BackwardOutputs allocate_backward_outputs(const BackwardArgs& a) {
+  const StatesArgs& s = a.fw.states;
+  const auto in = a.fw.matQ.options();
+  const auto ct = in.dtype(s.vecI.scalar_type());
+  return {at::empty({s.B, s.NH, s.S, s.DHQK}, in), at::empty({s.B, s.NH, s.S, s.DHQK}, in),
+          at::empty({s.B, s.NH, s.S, s.DHHV}, in), at::empty({s.B, s.NH, s.S}, ct),
+          at::empty({s.B, s.NH, s.S}, ct),         at::empty({s.B, s.NH, s.DHQK, s.DHHV}, ct),
+          at::empty({s.B, s.NH, s.DHQK}, ct)};
+}
+
+}  // namespace mlstm

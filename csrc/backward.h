@@ -1,0 +1,64 @@
+// The backward of the whole chunkwise mLSTM forward (SPEC.md, "Gradients" and "The backward"):
+// the gradients of matH and the last states with respect to q, k, v, i, f and the initial C, n.
+// Device-independent: batched GEMMs (cuBLAS tensor cores on CUDA) and elementwise ATen ops, the
+// backend's states kernel to recompute the chunk-border states, and the reverse state scan
+// (one kernel per backend) for the gradients flowing back through the recurrence.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "forward.h"
+
+namespace mlstm {
+
+struct BackwardArgs {
+  ForwardArgs fw;            // the forward's inputs, sizes, qk_scale, eps
+  at::Tensor matH;           // (B, NH, S, DHHV): the forward's output (read in "exact" mode only)
+  at::Tensor vecN, vecM;     // (B, NH, S): the forward's den and m, compute dtype
+  at::Tensor matDeltaH;      // (B, NH, S, DHHV) or undefined (zero)
+  at::Tensor matDeltaC_last; // (B, NH, DHQK, DHHV) compute dtype, or undefined (zero)
+  at::Tensor vecDeltaN_last; // (B, NH, DHQK) compute dtype, or undefined (zero)
+  bool exact = true;         // grad_mode "exact"; false: "normaliser_constant"
+};
+
+// dQ, dK, dV in the inputs' dtype; dI, dF (B, NH, S), dC_initial (B, NH, DHQK, DHHV) and
+// dN_initial (B, NH, DHQK) in the compute dtype.
+using BackwardOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+BackwardArgs check_backward_args(
+    const at::Tensor& matQ, const at::Tensor& matK, const at::Tensor& matV, const at::Tensor& vecI,
+    const at::Tensor& vecF, const std::optional<at::Tensor>& matC_initial,
+    const std::optional<at::Tensor>& vecN_initial, const std::optional<at::Tensor>& scaM_initial,
+    const at::Tensor& matH, const at::Tensor& vecN, const at::Tensor& vecM,
+    const std::optional<at::Tensor>& matDeltaH, const std::optional<at::Tensor>& matDeltaC_last,
+    const std::optional<at::Tensor>& vecDeltaN_last, std::optional<double> qk_scale,
+    int64_t chunk_size, double eps, c10::string_view grad_mode);
+
+BackwardOutputs allocate_backward_outputs(const BackwardArgs& a);
+
+// The backend's states kernel (recurrent_fw_states' arithmetic), for the recompute.
+using StatesKernel = void (*)(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&);
+
+// The reverse scan over chunks of the state gradients, for g < G and every entry e < E:
+//   X[g, k] holds on entry the gradient reaching state k from chunk k's queries; on exit the
+//   gradient of state k+1 (what chunk k's keys and values read). first[g] gets state 0's.
+//   G_NC = last[g] (zeros when undefined); G_k = X[g, k] + decay[g, k] * G_{k+1}.
+//   dots[g, k, b] = partial sums over e (block b of the backend's choosing) of
+//   states[g, k, e] * G_{k+1}[e]: the inner products the gradient of decay needs.
+// X (G, NC, E), decay (G, NC), last (G, E), first (G, E) contiguous compute dtype; states[g, k]
+// at states + g * states_stride_g + k * E. Returns dots (G, NC, nb).
+at::Tensor reverse_state_scan_cpu(at::Tensor& X, const at::Tensor& decay, const at::Tensor& last,
+                                  at::Tensor& first, const at::Tensor& states, int64_t states_stride_g);
+#ifdef MLSTM_EXT_WITH_CUDA
+at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const at::Tensor& last,
+                                   at::Tensor& first, const at::Tensor& states, int64_t states_stride_g);
+#endif
+
+// Fills the outputs allocate_backward_outputs() made.
+void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states, BackwardOutputs& out);
+
+}  // namespace mlstm

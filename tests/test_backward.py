@@ -1,0 +1,267 @@
+"""torch.ops.mlstm.chunkwise_bw, the compiled backward of chunkwise_fw (csrc/backward.cpp).
+
+- against float64 autograd through the plain PyTorch reference of the whole chain
+  (mlstm_ext.reference.chunkwise_fw_reference, m detached), every gradient, both conventions,
+  odd sizes, initial states given or not, incoming gradients None;
+- groups of (batch, head) pairs (a small workspace cap) give the same gradients as one group;
+- hostile inputs: every argument's checks, on CPU and meta; NaN reaches the gradients; eps = 0;
+  chunkwise_bw refuses double backward;
+- on CUDA: every dtype against the float64 reference, poisoned outputs, the caller's stream,
+  strided inputs, several groups.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mlstm_ext
+from conftest import BF16, F16, F32, F64, requires_cuda
+from mlstm_ext.reference import chunkwise_fw_reference, rel_norm_err
+from test_chunkwise import make_qkvif
+
+bw = torch.ops.mlstm.chunkwise_bw
+fw = torch.ops.mlstm.chunkwise_fw
+GRADS = ("dQ", "dK", "dV", "dI", "dF", "dC0", "dN0")
+
+
+def reference_grads(qkvif, st, dH, dC, dN, L, grad_mode, qk_scale=None, eps=1e-6):
+    """float64 autograd through the reference chain; zeros for the initial states when absent."""
+    xs = [t.detach().to(F64).requires_grad_() for t in qkvif]
+    B, NH, S, DHQK = qkvif[0].shape
+    DHHV = qkvif[2].shape[-1]
+    C0 = torch.zeros(B, NH, DHQK, DHHV, dtype=F64) if st[0] is None else st[0].to(F64)
+    n0 = torch.zeros(B, NH, DHQK, dtype=F64) if st[1] is None else st[1].to(F64)
+    C0, n0 = C0.clone().requires_grad_(), n0.clone().requires_grad_()
+    m0 = None if st[2] is None else st[2].to(F64)
+    H, C, n = chunkwise_fw_reference(*xs, C0, n0, m0, qk_scale=qk_scale, chunk_size=L, eps=eps,
+                                     compute_dtype=F64, detach_m=True,
+                                     detach_den=grad_mode == "normaliser_constant")[:3]
+    outs, cots = [], []
+    for o, d in ((H, dH), (C, dC), (n, dN)):
+        if d is not None:
+            outs.append(o)
+            cots.append(d.to(F64))
+    return torch.autograd.grad(outs, xs + [C0, n0], cots, allow_unused=True)
+
+
+def run_bw(qkvif, st, dH, dC, dN, L, grad_mode, qk_scale=None, eps=1e-6):
+    out = fw(*qkvif, *st, qk_scale=qk_scale, chunk_size=L, eps=eps, grad_mode=grad_mode)
+    return bw(*qkvif, *st, out[0], out[4], out[5], dH, dC, dN, qk_scale=qk_scale, chunk_size=L,
+              eps=eps, grad_mode=grad_mode)
+
+
+def cot(shape, seed, device="cpu", dtype=F32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=F32).to(device=device, dtype=dtype)
+
+
+def check_all(got, want, tol, what=""):
+    for name, g, w in zip(GRADS, got, want):
+        w = torch.zeros_like(g, dtype=F64) if w is None else w
+        assert torch.isfinite(g).all(), f"{what} {name}: not finite"
+        err = rel_norm_err(g.cpu(), w)
+        assert err <= tol, f"{what} {name}: rel. error {err:.2e} > {tol:.0e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Values (CPU)
+
+
+@pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
+@pytest.mark.parametrize("shape", [(1, 2, 12, 5, 7, 3), (2, 1, 16, 8, 4, 16), (1, 1, 8, 1, 1, 1)], ids=str)
+@pytest.mark.parametrize("init", [False, True], ids=["zero-init", "init"])
+def test_float64_matches_reference(seed, grad_mode, shape, init):
+    B, NH, S, DHQK, DHHV, L = shape
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F64, init, seed=seed)
+    qkvif = tuple(t.to(F64) for t in qkvif)
+    st = tuple(None if t is None else t.to(F64) for t in st)
+    dH, dC, dN = (cot(s, seed + j).to(F64) for j, s in enumerate(
+        [(B, NH, S, DHHV), (B, NH, DHQK, DHHV), (B, NH, DHQK)]))
+    got = run_bw(qkvif, st, dH, dC, dN, L, grad_mode)
+    check_all(got, reference_grads(qkvif, st, dH, dC, dN, L, grad_mode), 1e-10, grad_mode)
+
+
+@pytest.mark.parametrize("which", ["H only", "states only"])
+def test_incoming_none(seed, which):
+    """An absent incoming gradient is zero: only matH, or only the last states, in the loss."""
+    B, NH, S, DHQK, DHHV, L = 1, 2, 16, 6, 5, 4
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F32, True, seed=seed)
+    dH = cot((B, NH, S, DHHV), seed) if which == "H only" else None
+    dC = None if which == "H only" else cot((B, NH, DHQK, DHHV), seed + 1)
+    dN = None if which == "H only" else cot((B, NH, DHQK), seed + 2)
+    got = run_bw(qkvif, st, dH, dC, dN, L, "exact")
+    want = reference_grads(qkvif, st, dH, dC, dN, L, "exact")
+    check_all(got, want, 2e-5, which)
+    if dH is None:
+        assert not got[0].any(), "dQ must be zero when only the states are used"
+
+
+def test_groups_match_one_group(seed):
+    """(batch, head) pairs in groups of one (a 1 MiB workspace cap, in a fresh process) give the
+    gradients of a single group."""
+    code = (
+        "import torch, mlstm_ext, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_backward import make_qkvif, run_bw, cot\n"
+        f"qkvif, st = make_qkvif(3, 2, 64, 32, 48, torch.float32, True, seed={seed})\n"
+        "dH = cot((3, 2, 64, 48), 1); dC = cot((3, 2, 32, 48), 2); dN = cot((3, 2, 32), 3)\n"
+        "out = run_bw(qkvif, st, dH, dC, dN, 16, 'exact')\n"
+        "torch.save([t.clone() for t in out], sys.argv[1])\n")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mlstm_bw_groups_{os.getpid()}.pt")
+    results = []
+    for cap in ("1", "4096"):
+        env = dict(os.environ, MLSTM_EXT_BACKWARD_WORKSPACE_MB=cap)
+        subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        results.append(torch.load(path))
+    os.remove(path)
+    for name, a, b in zip(GRADS, *results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_opcheck(seed):
+    qkvif, st = make_qkvif(1, 2, 8, 3, 5, F32, True, seed=seed)
+    out = fw(*qkvif, *st, chunk_size=4)
+    args = (*qkvif, *st, out[0], out[4], out[5], cot((1, 2, 8, 5), seed), cot((1, 2, 3, 5), seed + 1),
+            cot((1, 2, 3), seed + 2))
+    torch.library.opcheck(bw.default, args, {"chunk_size": 4},
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile inputs
+
+
+def _valid_args(seed=0):
+    qkvif, st = make_qkvif(1, 2, 8, 4, 6, F32, True, seed=seed)
+    out = fw(*qkvif, *st, chunk_size=4)
+    return dict(matQ=qkvif[0], matK=qkvif[1], matV=qkvif[2], vecI=qkvif[3], vecF=qkvif[4],
+                matC_initial=st[0], vecN_initial=st[1], scaM_initial=st[2], matH=out[0], vecN=out[4],
+                vecM=out[5], matDeltaH=torch.randn(1, 2, 8, 6), matDeltaC_last=torch.randn(1, 2, 4, 6),
+                vecDeltaN_last=torch.randn(1, 2, 4), chunk_size=4)
+
+
+BAD = [
+    ("matH", lambda a: a["matH"][..., :5], r"matH.size\(3\) must be DHHV = 6, got 5"),
+    ("matH dtype", lambda a: a["matH"].double(), r"matH must have matQ's dtype"),
+    ("vecN", lambda a: a["vecN"][:, :, :7], r"vecN.size\(2\) must be S = 8, got 7"),
+    ("vecM rank", lambda a: a["vecM"][..., None], r"vecM must have 3 dims"),
+    ("vecM int", lambda a: a["vecM"].int(), r"vecM must be a floating tensor"),
+    ("matDeltaH", lambda a: a["matDeltaH"][:, :1], r"matDeltaH.size\(1\) must be NH = 2, got 1"),
+    ("matDeltaC_last", lambda a: a["matDeltaC_last"][:, :, :3], r"matDeltaC_last.size\(2\) must be DHQK = 4"),
+    ("vecDeltaN_last", lambda a: a["vecDeltaN_last"].int(), r"vecDeltaN_last must be a floating tensor"),
+    ("vecF", lambda a: a["vecF"][:, :, :4], r"vecF.size\(2\) must be S = 8, got 4"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("name,mutate,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_arguments_named(name, mutate, msg, device):
+    a = _valid_args()
+    key = name.split()[0]
+    a[key] = mutate(a)
+    a = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    with pytest.raises(RuntimeError, match="chunkwise_bw: " + msg):
+        bw(**a)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_scalars_named(device):
+    a = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _valid_args().items()}
+    with pytest.raises(RuntimeError, match="chunkwise_bw: eps must be finite and >= 0"):
+        bw(**a, eps=-1.0)
+    with pytest.raises(RuntimeError, match="chunkwise_bw: qk_scale must be finite"):
+        bw(**a, qk_scale=1e39)
+    with pytest.raises(RuntimeError, match="chunkwise_bw: grad_mode must be"):
+        bw(**a, grad_mode="approx")
+    with pytest.raises(RuntimeError, match="chunkwise_bw: the sequence length S = 8"):
+        bw(**dict(a, chunk_size=3))
+
+
+@pytest.mark.parametrize("where", ["q", "v", "i", "f"])
+def test_nan_reaches_gradients(seed, where):
+    """A NaN in an input shows in the gradients (never silently finite everywhere)."""
+    qkvif, st = make_qkvif(1, 1, 16, 4, 4, F32, True, seed=seed)
+    qkvif = [t.clone() for t in qkvif]
+    j = "qkvif".index(where)
+    qkvif[j][0, 0, 9] = float("nan")
+    got = run_bw(qkvif, st, cot((1, 1, 16, 4), seed), None, None, 4, "exact")
+    assert any(torch.isnan(g).any() for g in got), "NaN input, all gradients finite"
+
+
+def test_eps_zero_and_wide_gates(seed):
+    """eps = 0 and gates spread widely: finite gradients equal to float64's."""
+    B, NH, S, DHQK, DHHV, L = 1, 2, 32, 8, 8, 8
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F32, True, seed=seed)
+    q, k, v, i, f = qkvif
+    i, f = 8 * i, 6 * f - 15
+    qkvif = (q, k, v, i, f)
+    dH = cot((B, NH, S, DHHV), seed)
+    got = run_bw(qkvif, st, dH, None, None, L, "exact", eps=0.0)
+    check_all(got, reference_grads(qkvif, st, dH, None, None, L, "exact", eps=0.0), 1e-4, "eps=0")
+
+
+def test_no_double_backward(seed):
+    a = _valid_args(seed)
+    a["matQ"] = a["matQ"].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="chunkwise_bw: this op has no backward, but matQ"):
+        bw(**a)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA
+
+CUDA_TOL = {F32: 2e-5, BF16: 3e-2, F16: 8e-3}
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
+@pytest.mark.parametrize("shape", [(1, 2, 256, 64, 64, 64), (2, 1, 96, 48, 80, 32), (1, 1, 128, 256, 512, 64)],
+                         ids=str)
+def test_cuda_vs_float64(seed, dtype, grad_mode, shape):
+    B, NH, S, DHQK, DHHV, L = shape
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, dtype, True, seed=seed)
+    dH = cot((B, NH, S, DHHV), seed, dtype=dtype)
+    dC, dN = cot((B, NH, DHQK, DHHV), seed + 1), cot((B, NH, DHQK), seed + 2)
+    want = reference_grads(qkvif, st, dH, dC, dN, L, grad_mode)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    got = run_bw([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), cuda(dC), cuda(dN), L, grad_mode)
+    for g, x in zip(got[:3], qkvif[:3]):
+        assert g.dtype == x.dtype and g.is_cuda
+    check_all(got, want, CUDA_TOL[dtype], f"{dtype} {grad_mode}")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_poisoned_strided_stream_groups(seed):
+    """Outputs fully written (NaN-filled caching allocator blocks), strided inputs, a side stream,
+    groups of pairs (env cap in a subprocess is covered on CPU; here B*NH large enough for one
+    group): equal to the contiguous default-stream result."""
+    B, NH, S, DHQK, DHHV, L = 2, 3, 128, 32, 64, 32
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    dH = cot((B, NH, S, DHHV), seed, "cuda", BF16)
+    base = run_bw(qkvif, st, dH, None, None, L, "exact")
+    # Poison: fill and free big blocks so that the next allocations reuse NaN memory.
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+    strided = [torch.cat([t, t], -1)[..., : t.shape[-1]] if t.dim() == 4 else t for t in qkvif]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = run_bw(strided, st, dH, None, None, L, "exact")
+    torch.cuda.current_stream().wait_stream(s)
+    for name, a, b in zip(GRADS, got, base):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3, msg=name)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_float64_refused():
+    a = {k: v.double().cuda() if isinstance(v, torch.Tensor) else v for k, v in _valid_args().items()}
+    with pytest.raises(RuntimeError, match="float64 inputs run on the CPU only"):
+        bw(**a)
