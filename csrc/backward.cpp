@@ -31,10 +31,11 @@ int64_t workspace_cap() {
 
 // Workspace of one (batch, head) pair in bytes, as run_group holds it at its peak: the states,
 // their gradients and 16-bit copies of both; per-position rows of the head dims (float32
-// gradients, scaled 16-bit operands); three L x L matrices per chunk.
+// gradients, scaled 16-bit operands) and of the gates; three float32 L x L matrices per chunk and
+// a float64 one (the spans of the gates).
 int64_t workspace_per_pair(const StatesArgs& s) {
   const int64_t states = (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1);
-  return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 8) + 12 * s.NC * s.L * s.L;
+  return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 16) + 16 * s.NC * s.L * s.L;
 }
 
 // alpha * x @ y: 16-bit operands with float32 results (tensor cores) when lp != ct, else in ct.
@@ -109,13 +110,19 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   // Gates (g, NC, L) and per-chunk factors (g, NC); m_k, m_{k+1}, m[t] are constants.
   const at::Tensor I = sl(p.I).view({g, NC, L}), F = sl(p.F).view({g, NC, L});
   const at::Tensor m = sl(p.m).view({g, NC, L});
-  const at::Tensor bg = at::log_sigmoid(F).cumsum(-1);
+  // The log forget gates and their prefix sum bg in float64, finite gates clamped at
+  // kMinLogForget (SPEC.md step 1): a span bg[t] - bg[s] keeps an ordinary gate beside a huge one
+  // before it (-1e12 would absorb every other gate of the chunk in a float32 sum), and -1e38
+  // cannot overflow the sum.
+  at::Tensor lf = at::log_sigmoid(F.to(at::kDouble));
+  lf = at::where(lf.isinf(), lf, lf.clamp_min(kMinLogForget));
+  const at::Tensor bg = lf.cumsum(-1);
   const at::Tensor m_prev = M_all.narrow(1, 0, NC), m_next = M_all.narrow(1, 1, NC);
   const at::Tensor g_k = bg.select(-1, L - 1);
   // gq[t]: weight of the incoming state in row t; ga[s]: of key s in the next state.
-  const at::Tensor gq = at::exp((bg + m_prev.unsqueeze(-1)) - m).mul_(qk_scale);
-  const at::Tensor ga = at::exp((g_k.unsqueeze(-1) - bg) + (I - m_next.unsqueeze(-1)));
-  const at::Tensor decay = at::exp((g_k + m_prev) - m_next);
+  const at::Tensor gq = at::exp((bg + m_prev.unsqueeze(-1)) - m).mul_(qk_scale).to(ct);
+  const at::Tensor ga = at::exp((g_k.unsqueeze(-1) - bg) + (I - m_next.unsqueeze(-1))).to(ct);
+  const at::Tensor decay = at::exp((g_k + m_prev) - m_next).to(ct);
 
   // Inputs as (g * NC, L, D) batches of chunks, in their own dtype.
   const at::Tensor Q = sl(p.Q).reshape({g * NC, L, DQ}), K = sl(p.K).reshape({g * NC, L, DQ});
@@ -124,7 +131,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
 
   // Intra-chunk weights W = qk_scale (q_t . k_s) P[t, s], P = exp(bg[t] - bg[s] + i[s] - m[t]);
   // the masks keep later rows (even NaN or Inf ones) out of earlier ones.
-  at::Tensor P = bg.unsqueeze(-1) - bg.unsqueeze(-2);
+  at::Tensor P = (bg.unsqueeze(-1) - bg.unsqueeze(-2)).to(ct);
   P.add_(I.unsqueeze(-2)).sub_(m.unsqueeze(-1)).exp_().masked_fill_(p.upper, 0);
   at::Tensor W = bmm(Q, K.transpose(1, 2), lp, ct, qk_scale).view({g, NC, L, L});
   W.mul_(P).masked_fill_(p.upper, 0);
@@ -205,7 +212,8 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   dbg.sub_(da);
   // g_k = bg[L-1] enters every ga of the chunk and the decay.
   dbg.select(-1, L - 1).add_(da.sum(-1) + decay * (dots_C.sum(-1) + dots_n.sum(-1)));
-  // bg[t] = sum_{r <= t} logsigmoid(f[r]): a reverse cumulative sum within the chunk.
+  // bg[t] = sum_{r <= t} logsigmoid(f[r]): a reverse cumulative sum within the chunk (the clamp
+  // passes no gradient: every weight such a gate enters is 0).
   const at::Tensor dF = dbg.flip(-1).cumsum(-1).flip(-1).mul_(at::sigmoid(-F));
 
   std::get<0>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g).copy_(dQg.view({g, p.S, DQ}));

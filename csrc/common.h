@@ -19,4 +19,8 @@ inline std::string num(Int v) { return std::to_string(static_cast<long long>(v))
 inline std::string num(double v) { return std::to_string(v); }
 std::string shape_str(const at::Tensor& t);  // "[2, 3, 64]"
 
+// SPEC.md step 1: finite log forget gates below this count as it. e^-1e6 is 0 in any precision,
+// and prefix sums of such gates stay exact beside ordinary ones (mlstm_ext.reference.MIN_LOG_FORGET).
+constexpr double kMinLogForget = -1e6;
+
 }  // namespace mlstm

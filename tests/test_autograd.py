@@ -269,7 +269,7 @@ def workspace_bound(B, NH, S, DHQK, DHHV, L):
     the backward caps it (groups of pairs)."""
     NC = S // L
     states = (NC + 1) * (DHQK * DHHV + DHQK + 1)
-    per = 12 * states + 4 * S * (5 * DHQK + 4 * DHHV + 8) + 12 * NC * L * L
+    per = 12 * states + 4 * S * (5 * DHQK + 4 * DHHV + 16) + 16 * NC * L * L
     group = max(1, min(B * NH, WORKSPACE_CAP // per))
     return group * per
 

@@ -607,3 +607,24 @@ def test_float64_noncontiguous_and_state_dtypes(seed, state_dtype):
     args[3] = torch.stack([args[3], args[3]], -1)[..., 0]  # vecI with stride 2
     kw = dict(qk_scale=0.3, eps=1e-3)
     check(run(args, "cpu", 32, **kw), reference(args, 32, **kw), "cpu", F64)
+
+
+@pytest.mark.parametrize("f_big", [-1e12, -1e30, -1e38])
+def test_huge_forget_gate_beside_ordinary_ones_cpu(seed, f_big):
+    """A huge negative forget gate followed in its chunk by ordinary and moderate ones, on the
+    CPU: the whole forward against the step-by-step recurrence in float64 (which forms no prefix
+    sums: no gate is absorbed by a huge one). A plain prefix sum loses the later gates (H off by
+    11% in this case at -1e30 before the clamp of SPEC.md step 1)."""
+    from test_autograd import step_reference
+    gen = torch.Generator().manual_seed(seed)
+    B, NH, S, DHQK, DHHV, L = 1, 2, 32, 8, 8, 8
+    q, k, v = (torch.randn(B, NH, S, d, generator=gen) for d in (DHQK, DHQK, DHHV))
+    i, f = torch.randn(B, NH, S, generator=gen), 3 + torch.randn(B, NH, S, generator=gen)
+    f[:, :, 5], f[:, :, 20], f[:, :, 21] = f_big, f_big, -9.0
+    C0, n0, m0 = torch.randn(B, NH, DHQK, DHHV, generator=gen), torch.randn(B, NH, DHQK, generator=gen), \
+        torch.randn(B, NH, generator=gen)
+    H, C, n, m = step_reference(q, k, v, i, f, C0, n0, m0)
+    out = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, C0, n0, m0, chunk_size=L)
+    for name, o, r in (("matH", out[0], H), ("matC_last", out[1], C), ("vecN_last", out[2], n)):
+        err = (o.double() - r).norm() / r.norm()
+        assert err <= 2e-5, f"{name}: relative-norm error {err:.2e}"

@@ -309,10 +309,11 @@ def test_huge_forget_gates_all(seed, device, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_huge_forget_gate_first_in_chunk(seed, device, dtype):
+def test_huge_forget_gate_first_in_chunk(seed, device, dtype, monkeypatch):
     """f = -1e30 at the first position of every chunk, N(0, 1) elsewhere: the chunk's other keys
     keep their decays sum_{r>s} logsigmoid(f_r). A kernel that forms them as g_k - bg[s] (two sums
-    of size 1e30) loses them, as the plain float64 reference does (checked, so the test can fail)."""
+    of size 1e30) loses them, as a plain float64 prefix sum without SPEC's clamp of step 1 does
+    (checked, so the test can fail; the reference's clamp makes it exact)."""
     if dtype == F64 and device == "cuda":
         pytest.skip("float64 is CPU only")
     L = 16
@@ -322,6 +323,8 @@ def test_huge_forget_gate_first_in_chunk(seed, device, dtype):
     outs = [o.cpu() for o in run_states(kw)]
     exact = suffix_reference64({nm: t.cpu() if isinstance(t, torch.Tensor) else t for nm, t in kw.items()})
     check_states(outs, exact, dtype)
+    assert errors(reference64(kw)[0].cpu(), exact[0])[0] < 1e-9  # the clamped reference is exact
+    monkeypatch.setattr(mlstm_ext.reference, "MIN_LOG_FORGET", float("-inf"))
     naive = reference64(kw)
     assert errors(naive[0].cpu(), exact[0])[0] > 1e-2  # the case really separates the two forms
 

@@ -412,7 +412,10 @@ struct TaskInputs {
     double acc = 0.0;
     for (int64_t t = 0; t < a.L; ++t) {
       const double f = F(b, h, s0 + t);
-      acc += std::min(f, 0.0) - std::log1p(std::exp(-std::abs(f)));  // logsigmoid(f), NaN kept
+      const double lf = std::min(f, 0.0) - std::log1p(std::exp(-std::abs(f)));  // logsigmoid(f), NaN kept
+      // SPEC.md step 1: finite gates below kMinLogForget count as it (the sum stays exact beside
+      // ordinary gates; -1e30 would absorb them even in float64).
+      acc += (lf < kMinLogForget && std::isfinite(lf)) ? kMinLogForget : lf;
       bg[t] = acc;
       iv[t] = I(b, h, s0 + t);
     }
