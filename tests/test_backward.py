@@ -309,3 +309,30 @@ def test_gradient_scale_with_large_m_state(seed):
             assert (gt.double() - w).abs().max().item() <= scale, name
         else:
             assert rel_norm_err(gt, w) <= 2e-4, f"{name}: {rel_norm_err(gt, w):.2e}"
+
+
+def test_strided_and_mixed_dtypes_cpu(seed):
+    """Non-contiguous inputs (every tensor a strided view), gates in bfloat16, incoming gradients
+    in another dtype than the inputs: the same gradients as contiguous float32 gates."""
+    B, NH, S, DHQK, DHHV, L = 2, 2, 32, 6, 10, 8
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F32, True, seed=seed)
+    dH = cot((B, NH, S, DHHV), seed)
+    base = run_bw(qkvif, st, dH, None, None, L, "exact")
+
+    def strided(t):
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+
+    q, k, v, i, f = (strided(t) for t in qkvif)
+    st_s = tuple(strided(t) for t in st)
+    assert not q.is_contiguous() and not st_s[0].is_contiguous()
+    got = run_bw((q, k, v, i, f), st_s, strided(dH).double(), None, None, L, "exact")
+    for name, a, b in zip(GRADS, got, base):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    # bf16 gates: the op computes them in float32 (rounded once on the way in)
+    i16, f16 = qkvif[3].bfloat16(), qkvif[4].bfloat16()
+    got16 = run_bw((*qkvif[:3], i16, f16), st, dH, None, None, L, "exact")
+    ref16 = run_bw((*qkvif[:3], i16.float(), f16.float()), st, dH, None, None, L, "exact")
+    for name, a, b in zip(GRADS, got16, ref16):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
