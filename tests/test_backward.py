@@ -336,3 +336,22 @@ def test_strided_and_mixed_dtypes_cpu(seed):
     ref16 = run_bw((*qkvif[:3], i16.float(), f16.float()), st, dH, None, None, L, "exact")
     for name, a, b in zip(GRADS, got16, ref16):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 0, 4, 5, 4), (0, 2, 8, 4, 5, 4), (1, 2, 8, 0, 5, 4), (1, 2, 8, 4, 0, 4)],
+                         ids=str)
+def test_empty_sizes(seed, shape):
+    """Sizes 0: the right shapes and values; with no chunks the initial states' gradients are the
+    last states' (S = 0), an empty head dim gives the reference's gradients of the rest."""
+    B, NH, S, DHQK, DHHV, L = shape
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F32, True, seed=seed)
+    dH, dC, dN = cot((B, NH, S, DHHV), seed), cot((B, NH, DHQK, DHHV), seed + 1), cot((B, NH, DHQK), seed + 2)
+    scale = 1.0 if DHQK == 0 else None  # the op's default for DHQK = 0 (no DHQK^-1/2)
+    got = run_bw(qkvif, st, dH, dC, dN, L, "exact", qk_scale=scale)
+    if S == 0:
+        assert torch.equal(got[5], dC) and torch.equal(got[6], dN)
+    if B * NH * S > 0:
+        want = reference_grads(qkvif, st, dH, dC, dN, L, "exact", qk_scale=scale)
+        for name, g, w in zip(GRADS, got, want):
+            if g.numel() and w.norm() > 0:
+                assert rel_norm_err(g, w) <= 2e-5, name
