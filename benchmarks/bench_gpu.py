@@ -387,6 +387,8 @@ def run_fwbw(run: Run, case: cs.Case, sets, deadline: float) -> dict:
     if run.xl is not None:
         rec["triton"] = measure_fwbw(run, fwbw_call(run.xl, L), sets, refs["normaliser_constant"], sl)
         log("Triton xl_chunk fw+bw", rec["triton"])
+    rec["bytes"] = cs.fwbw_bytes(case)
+    rec["floor_ms"] = run.floor_ms(rec["bytes"])
     return rec
 
 

@@ -175,6 +175,16 @@ def forward_bytes(c: Case) -> int:
     return BH * (S * (2 * c.DQ + 2 * c.DV) * c.es + 4 * S * 4 + _state_bytes(c, 1))
 
 
+def fwbw_bytes(c: Case) -> int:
+    """Forward + backward with no state ever leaving the chip (a lower bound for any design): the
+    forward reads Q, K, V and the gates and writes H, vecN, vecM; the backward reads Q, K, V, H,
+    dH, the gates, vecN, vecM and writes dQ, dK, dV, dI, dF (float32 gate gradients)."""
+    BH, S = c.B * c.NH, c.S
+    fw = S * ((2 * c.DQ + 2 * c.DV) * c.es + 4 * 4)
+    bw = S * ((2 * c.DQ + 3 * c.DV) * c.es + (2 * c.DQ + c.DV) * c.es + 6 * 4)
+    return BH * (fw + bw)
+
+
 def two_step_bytes(c: Case) -> int:
     """The forward as two ops: the states written by one and read by the other."""
     return states_bytes(c) + hstep_bytes(c)

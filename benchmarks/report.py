@@ -55,13 +55,14 @@ def forward_table(recs):
 
 
 def fwbw_table(recs):
-    head = ["(B, NH, S, DHQK, DHHV, L)", "dtype", "ours fw+bw ms", "Triton fw+bw ms", "vs Triton",
-            "ours peak MiB", "Triton peak MiB", "GPU"]
+    head = ["(B, NH, S, DHQK, DHHV, L)", "dtype", "ours fw+bw ms", "Triton fw+bw ms", "floor ms",
+            "vs Triton", "ours / floor", "ours peak MiB", "Triton peak MiB", "GPU"]
     rows = []
     for r in recs:
         o, t = r.get("ours", {}), r.get("triton", {})
         rows.append([tuple(r["shape"]), r["dtype"], fmt_ms(o) if r.get("ours") else "absent",
-                     fmt_ms(t), ratio(t.get("ms"), o.get("ms")), fmt_mib(o), fmt_mib(t), gpu_short(r)])
+                     fmt_ms(t), fmt_floor(r.get("floor_ms")), ratio(t.get("ms"), o.get("ms")),
+                     ratio(o.get("ms"), r.get("floor_ms"), ""), fmt_mib(o), fmt_mib(t), gpu_short(r)])
     return head, rows
 
 
@@ -110,7 +111,8 @@ TITLES = {
                 "states step (K, V, gates read, NC+1 states written) plus the H step's floor."),
     "fwbw": ("(c) Forward + backward: h.sum().backward(), q, k, v, i, f requiring grad",
              "Peak: torch.cuda.max_memory_allocated during one step above what was allocated "
-             "before it (the inputs), gradients included."),
+             "before it (the inputs), gradients included. Floor: the bytes of a forward + backward "
+             "whose states never leave the chip (cases.fwbw_bytes) at the measured copy bandwidth."),
 }
 
 
@@ -161,7 +163,8 @@ def plot_panels(results: dict):
                     "fused floor": lambda r: r.get("floor_fused_ms"),
                     "two-step floor": lambda r: r.get("floor_two_step_ms")},
         "fwbw": {"ours": lambda r: r.get("ours", {}).get("ms"),
-                 "Triton xl_chunk": lambda r: r.get("triton", {}).get("ms")},
+                 "Triton xl_chunk": lambda r: r.get("triton", {}).get("ms"),
+                 "bytes floor": lambda r: r.get("floor_ms")},
     }
     return [(TITLES[t][0], [label(r) for r in recs], {n: [g(r) for r in recs] for n, g in series[t].items()})
             for t, recs in results.items()]
