@@ -59,7 +59,7 @@ def cot(shape, seed, device="cpu", dtype=F32):
 
 def check_all(got, want, tol, what=""):
     for name, g, w in zip(GRADS, got, want):
-        w = torch.zeros_like(g, dtype=F64) if w is None else w
+        w = torch.zeros(g.shape, dtype=F64) if w is None else w
         assert torch.isfinite(g).all(), f"{what} {name}: not finite"
         err = rel_norm_err(g.cpu(), w)
         assert err <= tol, f"{what} {name}: rel. error {err:.2e} > {tol:.0e}"
@@ -267,8 +267,12 @@ def test_cuda_float64_refused():
         bw(**a)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    requires_cuda, pytest.mark.cuda,
+    pytest.mark.xfail(strict=False, reason="issue 13: the CUDA forward sums gates in float32, so "
+                      "its vecM/vecN lose ordinary gates beside huge ones (the backward reads them)")])])
 @pytest.mark.parametrize("f_big", [-1e12, -1e30, -1e38])
-def test_huge_forget_gates_beside_ordinary_ones(seed, f_big):
+def test_huge_forget_gates_beside_ordinary_ones(seed, f_big, device):
     """Huge negative forget gates followed in their chunk by ordinary and moderately large ones:
     the forward and every gradient against float64 autograd through the step-by-step recurrence
     (which never takes a difference of prefix sums, so no gate is absorbed by a huge one)."""
@@ -282,9 +286,10 @@ def test_huge_forget_gates_beside_ordinary_ones(seed, f_big):
     H, C, n, _ = step_reference(*xs, st[2].double())
     dH, dC, dN = cot(H.shape, seed), cot(C.shape, seed + 1), cot(n.shape, seed + 2)
     want = torch.autograd.grad([H, C, n], xs, [dH.double(), dC.double(), dN.double()])
-    out = fw(q, k, v, i, f, *st, chunk_size=L)
-    assert rel_norm_err(out[0], H) <= 2e-5, f"matH: {rel_norm_err(out[0], H):.2e}"
-    got = bw(q, k, v, i, f, *st, out[0], out[4], out[5], dH, dC, dN, chunk_size=L)
+    d = [t.to(device) for t in (q, k, v, i, f, *st, dH, dC, dN)]
+    out = fw(*d[:8], chunk_size=L)
+    assert rel_norm_err(out[0].cpu(), H) <= 2e-5, f"matH: {rel_norm_err(out[0].cpu(), H):.2e}"
+    got = bw(*d[:8], out[0], out[4], out[5], *d[8:], chunk_size=L)
     check_all(got, want, 2e-5, f"f = {f_big}")
 
 
