@@ -360,3 +360,27 @@ def test_empty_sizes(seed, shape):
         for name, g, w in zip(GRADS, got, want):
             if g.numel() and w.norm() > 0:
                 assert rel_norm_err(g, w) <= 2e-5, name
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+def test_cuda_errors_at_most_tritons(seed, dtype):
+    """Issue 11: on the same inputs, every gradient of ours (exact convention) is at least as
+    close to float64 as the Triton backward of mlstm_kernels' xl_chunk is in its own convention
+    (the normaliser held constant). Skipped where mlstm_kernels / Triton is not installed."""
+    pytest.importorskip("triton")
+    xl = pytest.importorskip("mlstm_kernels.torch.chunkwise.triton_xl_chunk").mlstm_chunkwise__xl_chunk
+    B, NH, S, DHQK, DHHV, L = 1, 2, 512, 64, 64, 64
+    qkvif, _ = make_qkvif(B, NH, S, DHQK, DHHV, dtype, False, seed=seed)
+    dH = cot((B, NH, S, DHHV), seed, dtype=dtype)
+    none = (None, None, None)
+    errs = {}
+    for name, fn, mode in (("ours", mlstm_ext.mlstm_chunkwise, "exact"), ("triton", xl, "normaliser_constant")):
+        leaves = [t.cuda().requires_grad_() for t in qkvif]
+        H = fn(*leaves, chunk_size=L) if name == "triton" else fn(*leaves, chunk_size=L, grad_mode=mode)
+        H.backward(dH.cuda())
+        want = reference_grads(qkvif, none, dH, None, None, L, mode)[:5]
+        errs[name] = [rel_norm_err(x.grad.cpu(), w) for x, w in zip(leaves, want)]
+    for g, ours, tri in zip(GRADS, errs["ours"], errs["triton"]):
+        assert ours <= tri, f"{g}: ours {ours:.2e} > Triton's {tri:.2e} (all: {errs})"
