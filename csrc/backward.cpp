@@ -154,7 +154,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
     const at::Tensor qn = at::bmm(Qc, N_prev).view({g, NC, L});
     const at::Tensor nsum = W.sum(-1) + gq * qn;
     const at::Tensor dden = (dH.to(ct) * sl(p.H).view({g, NC, L, DV})).sum(-1).mul_(r).neg_();
-    dnsum = at::where(nsum.abs() < at::exp(-m), at::zeros({}, dden.options()), dden * nsum.sign());
+    dnsum = at::where(nsum.abs() < at::exp(-m), 0.0, dden * nsum.sign());
   }
 
   // Intra-chunk part: dW = dnum v^T (+ dnsum), dV = W^T dnum, d(q.k) = qk_scale dW P,

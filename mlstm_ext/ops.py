@@ -93,6 +93,13 @@ def _bind(op: torch._ops.OpOverload, args, kwargs) -> Dict[str, Any]:
     return b.arguments
 
 
+def _checked_args(name: str, args, kwargs) -> Dict[str, Any]:
+    """A fake kernel's start: the op's validation (_validate), then its arguments by name."""
+    op = getattr(torch.ops.mlstm, name).default
+    _validate(op, args, kwargs)
+    return _bind(op, args, kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # parallel_fw_hintra: the H step
 
@@ -106,9 +113,7 @@ two in ``output_dtype`` (float32 by default).""")
 
 @torch.library.register_fake("mlstm::parallel_fw_hintra")
 def _parallel_fw_hintra_fake(*args, **kwargs):
-    op = torch.ops.mlstm.parallel_fw_hintra.default
-    _validate(op, args, kwargs)
-    a = _bind(op, args, kwargs)
+    a = _checked_args("parallel_fw_hintra", args, kwargs)
     matQ, matV = a["matQ"], a["matV"]
     B, NH, S, _ = matQ.shape
     out = a["output_dtype"] or torch.float32
@@ -130,9 +135,7 @@ what ``parallel_fw_hintra`` reads. ``scaM_initial`` may be (B, NH) or (B, NH, 1)
 
 @torch.library.register_fake("mlstm::recurrent_fw_states")
 def _recurrent_fw_states_fake(*args, **kwargs):
-    op = torch.ops.mlstm.recurrent_fw_states.default
-    _validate(op, args, kwargs)
-    a = _bind(op, args, kwargs)
+    a = _checked_args("recurrent_fw_states", args, kwargs)
     matK, matV = a["matK"], a["matV"]
     B, NH, S, DHQK = matK.shape
     slots = S // a["chunk_size"] + 1
@@ -158,9 +161,7 @@ forward is the same for both.""")
 
 @torch.library.register_fake("mlstm::chunkwise_fw")
 def _chunkwise_fw_fake(*args, **kwargs):
-    op = torch.ops.mlstm.chunkwise_fw.default
-    _validate(op, args, kwargs)
-    a = _bind(op, args, kwargs)
+    a = _checked_args("chunkwise_fw", args, kwargs)
     matQ, matV = a["matQ"], a["matV"]
     B, NH, S, DHQK = matQ.shape
     DHHV = matV.shape[-1]
@@ -186,9 +187,7 @@ were given.""")
 
 @torch.library.register_fake("mlstm::chunkwise_bw")
 def _chunkwise_bw_fake(*args, **kwargs):
-    op = torch.ops.mlstm.chunkwise_bw.default
-    _validate(op, args, kwargs)
-    a = _bind(op, args, kwargs)
+    a = _checked_args("chunkwise_bw", args, kwargs)
     matQ, matV = a["matQ"], a["matV"]
     B, NH, S, DHQK = matQ.shape
     DHHV = matV.shape[-1]

@@ -216,13 +216,18 @@ def scripted(tmp_path_factory):
     return SimpleNamespace(layer=layer, model=model, x=x, x_file=x_file)
 
 
-def test_run_model_needs_no_python(run_model):
+def assert_needs_no_python(program: Path) -> None:
+    """The program's dynamic section names neither libpython nor libtorch_python."""
     readelf = shutil.which("readelf")
     if not readelf:
         _tool_missing("readelf (binutils) not found")
-    dyn = subprocess.run([readelf, "-d", str(run_model)], capture_output=True, text=True,
+    dyn = subprocess.run([readelf, "-d", str(program)], capture_output=True, text=True,
                          check=True).stdout
     assert "libpython" not in dyn and "libtorch_python" not in dyn, dyn
+
+
+def test_run_model_needs_no_python(run_model):
+    assert_needs_no_python(run_model)
 
 
 def test_cpp_matches_python_cpu(run_model, scripted, tmp_path):
@@ -412,12 +417,7 @@ def run_aoti(cpp_build) -> Path:
 
 
 def test_run_aoti_needs_no_python(run_aoti):
-    readelf = shutil.which("readelf")
-    if not readelf:
-        _tool_missing("readelf (binutils) not found")
-    dyn = subprocess.run([readelf, "-d", str(run_aoti)], capture_output=True, text=True,
-                         check=True).stdout
-    assert "libpython" not in dyn and "libtorch_python" not in dyn, dyn
+    assert_needs_no_python(run_aoti)
 
 
 def test_aoti_cpp_matches_python(run_aoti, aoti_package, tmp_path):
@@ -453,7 +453,7 @@ def test_aoti_cpp_matches_python(run_aoti, aoti_package, tmp_path):
 
 
 @pytest.mark.parametrize("aoti_package", AOTI_PARAMS[:1], indirect=True)  # the layer on the CPU
-def test_aoti_cpp_default_input(run_aoti, aoti_package):
+def test_aoti_cpp_default_input(run_aoti, aoti_package, tmp_path):
     # Without --input, run_aoti makes torch::randn of the metadata's input_shapes after
     # torch::manual_seed(0): the same numbers as Python's generator.
     pkg = aoti_package
@@ -462,10 +462,16 @@ def test_aoti_cpp_default_input(run_aoti, aoti_package):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         x = tuple(torch.randn(t.shape) for t in pkg.inputs)
+    torch.save(x, tmp_path / "x.pt")
+    loaded, why = load_package_in_python(pkg.path, tmp_path / "x.pt", "cpu", tmp_path / "y.pt")
+    got = float(printed(stdout, "y[0] sum"))
+    if loaded is not None:  # the same compiled code in Python
+        assert math.isclose(got, loaded[0].double().sum().item(), rel_tol=1e-9, abs_tol=1e-9)
+    else:
+        print(f"not compared with Python's aoti_load_package: {why}")
     with torch.no_grad():
         y = _as_tuple(pkg.model(*x))[0]  # eager: the package agrees with it to float32 rounding
-    assert math.isclose(float(printed(stdout, "y[0] sum")), y.double().sum().item(),
-                        rel_tol=1e-5, abs_tol=1e-5)
+    assert math.isclose(got, y.double().sum().item(), rel_tol=1e-5, abs_tol=1e-5)
 
 
 @pytest.mark.parametrize("aoti_package", AOTI_PARAMS[:1], indirect=True)  # the layer on the CPU

@@ -19,10 +19,6 @@ at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const
   TORCH_CHECK(G * p.blocks_per_pair < (int64_t(1) << 31), "chunkwise_bw: ", num(G * p.blocks_per_pair),
               " thread blocks for the state scan exceed the CUDA grid limit");
   at::Tensor dots = at::zeros({G, NC, p.warps_per_pair}, X.options());
-  if (NC == 0) {  // no chunks: state 0 is the last state
-    if (first.numel() > 0) last.defined() ? first.copy_(last.reshape({G, E})) : first.zero_();
-    return dots;
-  }
   TORCH_INTERNAL_ASSERT(X.is_contiguous() && first.is_contiguous() && states.is_contiguous());
   const at::Tensor d = decay.contiguous();
   const at::Tensor l = last.defined() ? last.to(at::kFloat).contiguous() : at::Tensor();
