@@ -267,10 +267,7 @@ def test_cuda_float64_refused():
         bw(**a)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    requires_cuda, pytest.mark.cuda,
-    pytest.mark.xfail(strict=False, reason="issue 13: the CUDA forward sums gates in float32, so "
-                      "its vecM/vecN lose ordinary gates beside huge ones (the backward reads them)")])])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
 @pytest.mark.parametrize("f_big", [-1e12, -1e30, -1e38])
 def test_huge_forget_gates_beside_ordinary_ones(seed, f_big, device):
     """Huge negative forget gates followed in their chunk by ordinary and moderately large ones:

@@ -136,16 +136,13 @@ def test_huge_negative_forget_gate_issue_case(device):
 @pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
 @pytest.mark.parametrize("f_big", [-1e12, -1e30, -1e38])
 @pytest.mark.parametrize("where", ["all", "some"])
-def test_huge_negative_forget_gates(request, device, seed, dtype, f_big, where):
-    if device == "cuda" and (where == "some" or f_big <= -1e38):
-        # Measured on an H200 (2026-11-27): the CUDA kernels form bg as a float32 prefix sum, so
-        # huge gates mixed with ordinary ones in one chunk lose the ordinary ones (bg[t] - bg[s]
-        # cancels at 1e12), and -1e38 overflows the sum. Open in issue 13 (the CPU computes
-        # in float64 and passes); runs and reports XPASS once fixed.
-        request.applymarker(pytest.mark.xfail(strict=False, reason="CUDA: float32 prefix sums of huge gates"))
+@pytest.mark.parametrize("L", [32, 128])  # on Hopper, 16-bit L = 128 runs the wgmma kernel
+def test_huge_negative_forget_gates(device, seed, dtype, f_big, where, L):
+    # The CUDA kernels once lost the ordinary gates beside huge ones (float32 prefix sums); they
+    # now clamp at -1e6 and sum in float64 like the CPU (H200, 2026-11-28: every case passes).
     skip_f64_on_cuda(device, dtype)
     gen = torch.Generator().manual_seed(seed)
-    B, NH, S, L = 2, 2, 128, 32
+    B, NH, S = 2, 2, 2 * L
     f = 3.0 + torch.randn(B, NH, S, generator=gen)
     mask = torch.rand(B, NH, S, generator=gen) < (1.0 if where == "all" else 0.3)
     f = torch.where(mask, torch.full_like(f, f_big), f)
@@ -161,12 +158,7 @@ def test_huge_negative_forget_gates(request, device, seed, dtype, f_big, where):
 @pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
 @pytest.mark.parametrize("m_state", [86.0, 87.5, 95.0, 110.0, 130.0])
 @pytest.mark.parametrize("L", [16, 64])
-def test_large_m_state_eps0(request, device, seed, dtype, m_state, L):
-    if device == "cuda" and m_state > 100:
-        # On an H200 (2026-11-27) m up to 95 passed on CUDA; 110 and 130 failed in this test's
-        # earlier form, which compared CUDA's float32 vecN (0 below 1.4e-45) with float64's den.
-        # Not re-run on a GPU since the comparison was fixed: non-strict until it is.
-        request.applymarker(pytest.mark.xfail(strict=False, reason="CUDA: eps = 0 with m > 100 not re-run"))
+def test_large_m_state_eps0(device, seed, dtype, m_state, L):
     """The issue's case: C = n = 0, i = 0, f = 10, m = m_state, eps = 0; vecN in float64 (its
     value e^-m is below float32's range) and in float32."""
     skip_f64_on_cuda(device, dtype)

@@ -15,6 +15,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common.h"
 #include "cuda/hintra_params.h"
 #include "cuda/hintra_tiles.h"
 #include "cuda/mma.cuh"
@@ -27,6 +28,7 @@ constexpr float kMaxShift = 64.f;         // largest frame shift delta
 // Chunks whose |bg| or |i| passes this take the exact exponent: the fast one forms D - F as
 // (bg[t] - F[t]) + (i[s] - bg[s]), where i is lost beside a huge bg (f = -1e30, say).
 constexpr float kWideGate = 128.f;
+constexpr float kMinLogForgetF = static_cast<float>(kMinLogForget);
 
 // max that keeps NaN (fmaxf drops it): a NaN gate must show in m like in every other output.
 __device__ __forceinline__ float nan_max(float a, float b) {
@@ -96,9 +98,10 @@ __device__ __forceinline__ Tile tile_of_block(const HintraParams& p, int rows, i
 
 // The gate scratch in shared memory (kGateArrays per key, kRowArrays per query row).
 struct GateScratch {
-  float* bg;       // [key] bg (cumulative log forget gate)
-  float* col_a;    // [key] fast: log2e (i - bg); wide: log2e i
-  float* col_b;    // [key] wide: log2e bg (in stage_gates: i, then the prefix max)
+  float* bg;       // [key] bg (cumulative log forget gate), rounded to float
+  float* bg_lo;    // [key] bg - float(bg) of the float64 sum: a span keeps gates beside huge ones
+  float* col_a;    // [key] fast: log2e (i - bg); wide: i (in stage_gates: the prefix max)
+  float* col_b;    // [key] wide: bg (in stage_gates: i)
   float* row_a;    // [row] fast: log2e ((bg - m) + delta); wide: log2e (delta - m)
   float* row_g;    // [row] qk_scale exp((bg + m_prev - m) + delta)
   float* row_m;    // [row] m
@@ -109,7 +112,8 @@ __device__ __forceinline__ GateScratch gate_scratch(unsigned char* smem, int gat
                                                     int gate_len, int rows) {
   GateScratch g;
   g.bg = reinterpret_cast<float*>(smem + gate_off);
-  g.col_a = g.bg + gate_len;
+  g.bg_lo = g.bg + gate_len;
+  g.col_a = g.bg_lo + gate_len;
   g.col_b = g.col_a + gate_len;
   g.row_a = reinterpret_cast<float*>(smem + row_off);
   g.row_g = g.row_a + rows;
@@ -117,6 +121,12 @@ __device__ __forceinline__ GateScratch gate_scratch(unsigned char* smem, int gat
   g.row_d = g.row_m + rows;
   g.row_inv = g.row_d + rows;
   return g;
+}
+
+// bg[t] - bg[s] from the float64 sum's two parts: the float parts subtract exactly where they are
+// close, and where they are not the span is huge and its low bits do not matter.
+__device__ __forceinline__ float span(const GateScratch& gs, int t, int s) {
+  return (gs.bg[t] - gs.bg[s]) + (gs.bg_lo[t] - gs.bg_lo[s]);
 }
 
 // Steps 1-4 for query rows row0..row0+kRows-1 of one chunk, into the gate scratch. Returns
@@ -134,7 +144,9 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
     const float* gf = p.fgate + tile.b * p.f_sb + tile.h * p.f_sh + tile.s0 * p.f_ss;
     for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
       const float f = gf[s * p.f_ss];
-      gs.bg[s] = fminf(f, 0.f) - log1pf(expf(-fabsf(f)));  // logsigmoid, scanned below
+      const float lf = fminf(f, 0.f) - log1pf(expf(-fabsf(f)));  // logsigmoid, scanned below
+      // SPEC.md step 1: finite gates below kMinLogForget count as it (NaN and -inf pass as they are).
+      gs.bg[s] = (lf < kMinLogForgetF && !isinf(lf)) ? kMinLogForgetF : lf;
       const float iv = gi[s * p.i_ss];
       gs.col_b[s] = iv;
       big = fmaxf(big, fabsf(iv));
@@ -142,19 +154,24 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   }
   __syncthreads();
   if (warp == 0) {
-    float carry = 0.f, carry_max = -INFINITY;
+    // The prefix sum in float64, kept as float + remainder: a span bg[t] - bg[s] after a -1e6 gate
+    // keeps the ordinary gates (a float32 sum would absorb them).
+    double carry = 0.0;
+    float carry_max = -INFINITY;
     for (int base = 0; base < row_end; base += 32) {
       const int s = base + lane;
-      const float lf = s < row_end ? gs.bg[s] : 0.f;
+      const double lf = s < row_end ? gs.bg[s] : 0.f;
       const float iv = s < row_end ? gs.col_b[s] : 0.f;
-      float x = lf;  // inclusive warp scan
+      double x = lf;  // inclusive warp scan
 #pragma unroll
       for (int off = 1; off < 32; off *= 2) {
-        const float y = __shfl_up_sync(0xffffffffu, x, off);
+        const double y = __shfl_up_sync(0xffffffffu, x, off);
         if (lane >= off) x += y;
       }
-      const float bg = x + carry;
-      carry = __shfl_sync(0xffffffffu, bg, 31);
+      const double bg_exact = x + carry;
+      carry = __shfl_sync(0xffffffffu, bg_exact, 31);
+      const float bg = static_cast<float>(bg_exact);
+      const float lo = isfinite(bg) ? static_cast<float>(bg_exact - bg) : 0.f;
       float pm = s < row_end ? iv - bg : -INFINITY;
 #pragma unroll
       for (int off = 1; off < 32; off *= 2) {
@@ -165,6 +182,7 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
       carry_max = __shfl_sync(0xffffffffu, pm, 31);
       if (s < row_end) {
         gs.bg[s] = bg;
+        gs.bg_lo[s] = lo;
         gs.col_a[s] = pm;  // the prefix max, until the rows below have read it
         big = fmaxf(big, fabsf(bg));
       }
@@ -179,7 +197,7 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
       float m_intra;
       if (wide) {  // max_{s<=t} D[t, s], each D formed directly
         m_intra = -INFINITY;
-        for (int s = 0; s <= t; ++s) m_intra = nan_max(m_intra, (bg - gs.bg[s]) + gs.col_b[s]);
+        for (int s = 0; s <= t; ++s) m_intra = nan_max(m_intra, span(gs, t, s) + gs.col_b[s]);
         m_intra = nan_max(kMinimumMaxVal, m_intra);
       } else {
         m_intra = nan_max(kMinimumMaxVal, bg + gs.col_a[t]);
@@ -197,8 +215,7 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   __syncthreads();  // the rows have read the prefix max
   for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
     const float bg = gs.bg[s], iv = gs.col_b[s];
-    gs.col_a[s] = (wide ? iv : iv - bg) * kLog2e;
-    gs.col_b[s] = bg * kLog2e;
+    gs.col_a[s] = wide ? iv : (iv - bg) * kLog2e;
   }
   __syncthreads();
   return wide;
@@ -228,11 +245,10 @@ __device__ __forceinline__ void weigh_scores(float* x, int kb0, int row_end, con
     const int s = kb0 + nt * 8 + 2 * tq;
     float e[4];
     if constexpr (kWide) {
-      // log2e bg[t] sits in col_b[t]; rows past the chunk read a harmless in-bounds value.
-      const float bt0 = gs.col_b[r0.t], bt1 = gs.col_b[r1.t];
-      const float c0 = gs.col_a[s], c1 = gs.col_a[s + 1], b0 = gs.col_b[s], b1 = gs.col_b[s + 1];
-      e[0] = ((bt0 - b0) + c0) + r0.a, e[1] = ((bt0 - b1) + c1) + r0.a;
-      e[2] = ((bt1 - b0) + c0) + r1.a, e[3] = ((bt1 - b1) + c1) + r1.a;
+      // Each D formed from its span; rows past the chunk read a harmless in-bounds value.
+      const float c0 = gs.col_a[s], c1 = gs.col_a[s + 1];
+      e[0] = (span(gs, r0.t, s) + c0) * kLog2e + r0.a, e[1] = (span(gs, r0.t, s + 1) + c1) * kLog2e + r0.a;
+      e[2] = (span(gs, r1.t, s) + c0) * kLog2e + r1.a, e[3] = (span(gs, r1.t, s + 1) + c1) * kLog2e + r1.a;
     } else {
       const float c0 = gs.col_a[s], c1 = gs.col_a[s + 1];
       e[0] = r0.a + c0, e[1] = r0.a + c1, e[2] = r1.a + c0, e[3] = r1.a + c1;
@@ -277,11 +293,11 @@ __device__ __forceinline__ void recompute_tile_exactly(const HintraParams& p, co
     float qc = 0.f;
     for (int d = 0; d < p.DHQK; ++d) qc = fmaf(to_float(qt[d]), C[d * p.C_sr + col], qc);
     float num = gs.row_g[r] * qc;
-    const float ra = gs.row_a[r], bt = gs.col_b[t];
+    const float ra = gs.row_a[r];
     for (int s = 0; s <= t; ++s) {
       float qk = 0.f;
       for (int d = 0; d < p.DHQK; ++d) qk = fmaf(to_float(qt[d]), to_float(k[s * p.k_ss + d]), qk);
-      const float e = wide ? ((bt - gs.col_b[s]) + gs.col_a[s]) + ra : ra + gs.col_a[s];
+      const float e = wide ? (span(gs, t, s) + gs.col_a[s]) * kLog2e + ra : ra + gs.col_a[s];
       num = fmaf(p.qk_scale * qk * exp2f(e), to_float(v[s * p.v_ss + col]), num);
     }
     H[t * p.DHHV + col] = from_float<T>(num * gs.row_inv[r]);

@@ -35,9 +35,10 @@ namespace mlstm::cuda {
 
 __host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Gate scratch of both kernels (stage_gates, hintra_common.cuh): per key, bg and two column
-// terms; per query row, the exponent offset, inter factor, m, the frame shift and 1/(den + eps).
-constexpr int kGateArrays = 3;
+// Gate scratch of both kernels (stage_gates, hintra_common.cuh): per key, bg (float and remainder)
+// and two column terms; per query row, the exponent offset, inter factor, m, the frame shift and
+// 1/(den + eps).
+constexpr int kGateArrays = 4;
 constexpr int kRowArrays = 5;
 
 // ---- sm_80 kernel (hintra_sm80.cuh): mma.sync, one warp per 16 query rows. ----
