@@ -57,7 +57,9 @@ STATES_CASES = {
 # The backward (chunkwise_fw, then chunkwise_bw with random incoming gradients and initial
 # states): name: ((B, NH, S, DHQK, DHHV, L), dtype, tolerance on every gradient vs float64)
 BACKWARD_CASES = {
+    # 16-bit, L = 64 / 128, head dims multiples of 64: the fused kernels (csrc/cuda/bw_kernels.cuh)
     "backward_bf16": ((2, 2, 256, 64, 64, 64), torch.bfloat16, 3e-2),
+    "backward_fp16_l128": ((1, 2, 256, 128, 192, 128), torch.float16, 8e-3),
     # odd head dims, L = 16; the state scan's partial blocks (E = 50 * 70)
     "backward_odd_fp32": ((1, 2, 96, 50, 70, 16), torch.float32, 2e-5),
 }

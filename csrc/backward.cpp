@@ -22,7 +22,8 @@
 namespace mlstm {
 namespace {
 
-// The workspace cap: 640 MiB, or MLSTM_EXT_BACKWARD_WORKSPACE_MB (more: fewer, larger groups).
+// The workspace cap: 640 MiB (a forward + backward then peaks below the Triton one at the
+// benchmark shapes), or MLSTM_EXT_BACKWARD_WORKSPACE_MB (more: fewer, larger groups).
 int64_t workspace_cap() {
   const char* v = std::getenv("MLSTM_EXT_BACKWARD_WORKSPACE_MB");
   const long long mb = v != nullptr ? std::atoll(v) : 0;
@@ -33,8 +34,11 @@ int64_t workspace_cap() {
 // their gradients and 16-bit copies of both; per-position rows of the head dims (float32
 // gradients, scaled 16-bit operands) and of the gates; three float32 L x L matrices per chunk and
 // a float64 one (the spans of the gates).
-int64_t workspace_per_pair(const StatesArgs& s) {
+// The fused CUDA path (run_group_fused) holds the float32 states and their gradients, and per
+// position bw_pre's Qs and dnsum.
+int64_t workspace_per_pair(const StatesArgs& s, bool fused) {
   const int64_t states = (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1);
+  if (fused) return 8 * states + 2 * s.S * (s.DHQK + 8);
   return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 16) + 16 * s.NC * s.L * s.L;
 }
 
@@ -86,14 +90,10 @@ struct Plan {
   at::Tensor upper;  // (L, L): s > t, the entries no row reads
 };
 
-// Gradients of g pairs starting at g0, written into the outputs' slices.
-void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
-  const int64_t NC = p.NC, L = p.L, DQ = p.DQ, DV = p.DV, E = DQ * DV;
-  const at::ScalarType ct = p.ct, lp = p.lp;
-  const double qk_scale = p.a.fw.qk_scale;
+// The chunk-border states of g pairs starting at g0 (recurrent_fw_states of this group),
+// float32/float64, NC+1 slots: C (g, NC+1, DQ, DV), n (g, NC+1, DQ), m (g, NC+1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_states(const Plan& p, int64_t g0, int64_t g) {
   auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
-
-  // The chunk-border states (recurrent_fw_states of this group), float32/float64, NC+1 slots.
   StatesArgs sa = p.a.fw.states;
   sa.B = 1, sa.NH = g;
   sa.matK = sl(p.K).unsqueeze(0), sa.matV = sl(p.V).unsqueeze(0);
@@ -103,9 +103,22 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   sa.scaM_initial = p.M0.defined() ? sl(p.M0).unsqueeze(0) : at::Tensor();
   auto [C_all, N_all, M_all] = allocate_states_outputs(sa);
   p.states_kernel(sa, C_all, N_all, M_all);
-  C_all = C_all.view({g, NC + 1, DQ, DV});
-  N_all = N_all.view({g, NC + 1, DQ});
-  M_all = M_all.view({g, NC + 1});
+  return {C_all.view({g, p.NC + 1, p.DQ, p.DV}), N_all.view({g, p.NC + 1, p.DQ}), M_all.view({g, p.NC + 1})};
+}
+
+// The log forget gates (g, NC, L) in float64, finite ones clamped at kMinLogForget (SPEC.md step 1).
+at::Tensor log_forget(const at::Tensor& F) {
+  at::Tensor lf = at::log_sigmoid(F.to(at::kDouble));
+  return at::where(lf.isinf(), lf, lf.clamp_min(kMinLogForget));
+}
+
+// Gradients of g pairs starting at g0, written into the outputs' slices.
+void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
+  const int64_t NC = p.NC, L = p.L, DQ = p.DQ, DV = p.DV, E = DQ * DV;
+  const at::ScalarType ct = p.ct, lp = p.lp;
+  const double qk_scale = p.a.fw.qk_scale;
+  auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
+  auto [C_all, N_all, M_all] = recompute_states(p, g0, g);
 
   // Gates (g, NC, L) and per-chunk factors (g, NC); m_k, m_{k+1}, m[t] are constants.
   const at::Tensor I = sl(p.I).view({g, NC, L}), F = sl(p.F).view({g, NC, L});
@@ -114,9 +127,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   // kMinLogForget (SPEC.md step 1): a span bg[t] - bg[s] keeps an ordinary gate beside a huge one
   // before it (-1e12 would absorb every other gate of the chunk in a float32 sum), and -1e38
   // cannot overflow the sum.
-  at::Tensor lf = at::log_sigmoid(F.to(at::kDouble));
-  lf = at::where(lf.isinf(), lf, lf.clamp_min(kMinLogForget));
-  const at::Tensor bg = lf.cumsum(-1);
+  const at::Tensor bg = log_forget(F).cumsum(-1);
   const at::Tensor m_prev = M_all.narrow(1, 0, NC), m_next = M_all.narrow(1, 1, NC);
   const at::Tensor g_k = bg.select(-1, L - 1);
   // gq[t]: weight of the incoming state in row t; ga[s]: of key s in the next state.
@@ -223,6 +234,57 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   std::get<4>(out).view({p.BH, p.S}).narrow(0, g0, g).copy_(dF.view({g, p.S}));
 }
 
+#ifdef MLSTM_EXT_WITH_CUDA
+// The same gradients on CUDA through the fused per-chunk kernels (csrc/cuda/bw_params.h): bw_pre,
+// the GEMM into the states' gradient and the reverse scan, bw_post.
+void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
+  const int64_t NC = p.NC, L = p.L, DQ = p.DQ, DV = p.DV, E = DQ * DV;
+  const at::ScalarType ct = p.ct, lp = p.lp;
+  auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
+  // The kernels read rows with 16-byte loads: contiguous, and copied where a caller's storage
+  // offset leaves them unaligned.
+  auto rows = [&](const at::Tensor& t) {
+    at::Tensor c = sl(t).contiguous();
+    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+  };
+  auto [C_all, N_all, M_all] = recompute_states(p, g0, g);
+  const at::Tensor m_prev = M_all.narrow(1, 0, NC), m_next = M_all.narrow(1, 1, NC);
+  const at::Tensor g_k = log_forget(sl(p.F).view({g, NC, L})).sum(-1);
+  const at::Tensor decay = at::exp((g_k + m_prev) - m_next).to(ct);
+
+  FusedBackwardTensors t;
+  t.Q = rows(p.Q), t.K = rows(p.K), t.V = rows(p.V), t.dH = rows(p.dH);
+  t.H = p.a.exact ? rows(p.H) : t.dH;  // read in exact mode only
+  t.I = sl(p.I).contiguous(), t.F = sl(p.F).contiguous();
+  t.den = sl(p.den).contiguous(), t.m = sl(p.m).contiguous();
+  t.M_all = M_all, t.N_all = N_all;
+  const auto f32 = t.Q.options().dtype(ct);
+  t.dnsum = at::empty({g, p.S}, f32);
+  t.Qs = at::empty({g, p.S, DQ}, t.Q.options());
+  t.Xn = at::empty({g, NC, DQ}, f32);
+  fused_backward_cuda(t, p.a, false);
+
+  // The gradient reaching state k from chunk k's rows, then back through the recurrence: X[k]
+  // becomes the gradient of state k+1 (and Xn that of n_{k+1}).
+  at::Tensor X = bmm(t.Qs.view({g * NC, L, DQ}).transpose(1, 2), t.dH.view({g * NC, L, DV}), lp, ct)
+                     .view({g, NC, E});
+  at::Tensor dC0 = std::get<5>(out).view({p.BH, E}).narrow(0, g0, g);
+  at::Tensor dN0 = std::get<6>(out).view({p.BH, DQ}).narrow(0, g0, g);
+  const at::Tensor dCl = p.dCl.defined() ? sl(p.dCl) : at::Tensor();
+  const at::Tensor dNl = p.dNl.defined() ? sl(p.dNl) : at::Tensor();
+  const at::Tensor dots_C = reverse_state_scan(X, decay, dCl, dC0, C_all, (NC + 1) * E);
+  const at::Tensor dots_n = reverse_state_scan(t.Xn, decay, dNl, dN0, N_all, (NC + 1) * DQ);
+  t.C_all = C_all, t.G = X, t.Gn = t.Xn;
+  t.last_row = (decay * (dots_C.sum(-1) + dots_n.sum(-1))).contiguous();
+  t.dQ = std::get<0>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
+  t.dK = std::get<1>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
+  t.dV = std::get<2>(out).view({p.BH, p.S, DV}).narrow(0, g0, g);
+  t.dI = std::get<3>(out).view({p.BH, p.S}).narrow(0, g0, g);
+  t.dF = std::get<4>(out).view({p.BH, p.S}).narrow(0, g0, g);
+  fused_backward_cuda(t, p.a, true);
+}
+#endif
+
 }  // namespace
 
 void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, BackwardOutputs& out) {
@@ -264,9 +326,14 @@ void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, Bac
   p.dNl = flat(a.vecDeltaN_last, {s.DHQK});
   p.upper = at::ones({s.L, s.L}, a.fw.matQ.options().dtype(at::kBool)).triu(1);
 
-  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s));
-  const int64_t G = std::clamp<int64_t>(workspace_cap() / per, 1, BH);
-  for (int64_t g0 = 0; g0 < BH; g0 += G) run_group(p, g0, std::min(G, BH - g0), out);
+  auto group = run_group;
+#ifdef MLSTM_EXT_WITH_CUDA
+  if (fused_backward_cuda_usable(a)) group = run_group_fused;
+#endif
+  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, group != run_group));
+  const int64_t G_max = std::clamp<int64_t>(workspace_cap() / per, 1, BH);
+  const int64_t G = (BH + (BH + G_max - 1) / G_max - 1) / ((BH + G_max - 1) / G_max);  // balanced
+  for (int64_t g0 = 0; g0 < BH; g0 += G) group(p, g0, std::min(G, BH - g0), out);
 }
 
 BackwardOutputs allocate_backward_outputs(const BackwardArgs& a) {

@@ -58,6 +58,22 @@ at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const
                                    at::Tensor& first, const at::Tensor& states, int64_t states_stride_g);
 #endif
 
+#ifdef MLSTM_EXT_WITH_CUDA
+// The fused per-chunk CUDA kernels (csrc/cuda/bw_params.h): whether they serve these arguments
+// (16-bit inputs on CUDA, chunk_size 64 or 128, DHQK and DHHV multiples of 64, an incoming dH;
+// MLSTM_EXT_FUSED_BACKWARD=0 turns them off), and their launch on one group's tensors: bw_pre
+// (post = false) or bw_post. Rows (g, S, D) and (g, S), contiguous, 16-byte aligned.
+struct FusedBackwardTensors {
+  at::Tensor Q, K, V, dH, H, I, F, den, m;  // the inputs and the forward's outputs
+  at::Tensor M_all, N_all;                  // the recomputed m and n states (g, NC+1[, DQ])
+  at::Tensor dnsum, Qs, Xn;                 // bw_pre's outputs
+  at::Tensor C_all, G, Gn, last_row;        // bw_post's other inputs (states and gradients)
+  at::Tensor dQ, dK, dV, dI, dF;            // bw_post's outputs
+};
+bool fused_backward_cuda_usable(const BackwardArgs& a);
+void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, bool post);
+#endif
+
 // Fills the outputs allocate_backward_outputs() made.
 void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states, BackwardOutputs& out);
 

@@ -216,21 +216,29 @@ def test_no_double_backward(seed):
 CUDA_TOL = {F32: 2e-5, BF16: 3e-2, F16: 8e-3}
 
 
-@requires_cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
-@pytest.mark.parametrize("shape", [(1, 2, 256, 64, 64, 64), (2, 1, 96, 48, 80, 32), (1, 1, 128, 256, 512, 64)],
-                         ids=str)
-def test_cuda_vs_float64(seed, dtype, grad_mode, shape):
+def cuda_case(shape, dtype, grad_mode, seed):
+    """Random inputs with initial states and incoming gradients of every output: run_bw's
+    arguments on CUDA, and the float64 reference gradients (CPU)."""
     B, NH, S, DHQK, DHHV, L = shape
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, dtype, True, seed=seed)
     dH = cot((B, NH, S, DHHV), seed, dtype=dtype)
     dC, dN = cot((B, NH, DHQK, DHHV), seed + 1), cot((B, NH, DHQK), seed + 2)
     want = reference_grads(qkvif, st, dH, dC, dN, L, grad_mode)
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
-    got = run_bw([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), cuda(dC), cuda(dN), L, grad_mode)
-    for g, x in zip(got[:3], qkvif[:3]):
+    args = ([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), cuda(dC), cuda(dN), L, grad_mode)
+    return args, want
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
+@pytest.mark.parametrize("shape", [(1, 2, 256, 64, 64, 64), (2, 1, 96, 48, 80, 32), (1, 1, 128, 256, 512, 64),
+                                   (1, 2, 256, 128, 64, 128)], ids=str)
+def test_cuda_vs_float64(seed, dtype, grad_mode, shape):
+    args, want = cuda_case(shape, dtype, grad_mode, seed)
+    got = run_bw(*args)
+    for g, x in zip(got[:3], args[0][:3]):
         assert g.dtype == x.dtype and g.is_cuda
     check_all(got, want, CUDA_TOL[dtype], f"{dtype} {grad_mode}")
 
@@ -257,6 +265,73 @@ def test_cuda_poisoned_strided_stream_groups(seed):
     for name, a, b in zip(GRADS, got, base):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3, msg=name)
+
+
+# 16-bit inputs with chunk_size 64 or 128 and head dims that are multiples of 64 run the fused
+# per-chunk kernels (csrc/cuda/bw_kernels.cuh); MLSTM_EXT_FUSED_BACKWARD=0 runs the ATen path.
+FUSED_SHAPES = [(2, 3, 256, 64, 128, 64), (1, 2, 384, 128, 64, 128), (1, 1, 256, 256, 512, 128)]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_cuda_fused_matches_unfused_and_float64(seed, dtype, grad_mode, shape, monkeypatch):
+    """The fused kernels against float64 and against the ATen path on the same inputs, with
+    initial states and incoming state gradients, outputs in NaN-poisoned memory, a side stream."""
+    args, want = cuda_case(shape, dtype, grad_mode, seed)
+    monkeypatch.setenv("MLSTM_EXT_FUSED_BACKWARD", "0")
+    unfused = run_bw(*args)
+    monkeypatch.delenv("MLSTM_EXT_FUSED_BACKWARD")
+    junk = torch.full((256 << 20,), float("nan"), device="cuda")
+    del junk
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = run_bw(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    check_all(got, want, CUDA_TOL[dtype], f"fused {dtype} {grad_mode}")
+    for name, a, b in zip(GRADS, got, unfused):
+        # Both paths round their 16-bit operands differently: they agree to the rounding.
+        assert rel_norm_err(a.double().cpu(), b.double().cpu()) <= CUDA_TOL[dtype], name
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["wide", "huge", "eps0", "large_m"])
+def test_cuda_fused_hostile(seed, case):
+    """The fused kernels on hostile gates: wide input gates and strong forgetting, huge negative
+    forget gates beside ordinary ones, eps = 0, large initial m: finite, and equal to float64."""
+    B, NH, S, DHQK, DHHV, L = 1, 2, 256, 64, 64, 64
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed)
+    q, k, v, i, f = qkvif
+    eps = 1e-6
+    if case == "wide":
+        i, f = 8 * i, 6 * f - 15
+    elif case == "huge":
+        f = f.clone()
+        f[:, :, 5], f[:, :, 70], f[:, :, 71], f[:, :, 130] = -1e30, -1e12, -9.0, -1e38
+    elif case == "eps0":
+        eps = 0.0
+    else:
+        st = (st[0], st[1], torch.full_like(st[2], 60.0))
+    qkvif = (q, k, v, i, f)
+    dH = cot((B, NH, S, DHHV), seed, dtype=BF16)
+    want = reference_grads(qkvif, st, dH, None, None, L, "exact", eps=eps)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    got = run_bw([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), None, None, L, "exact", eps=eps)
+    if case == "large_m":
+        # m ~ 50-60 everywhere: the initial state dominates every row and its forget-gate decay
+        # cancels between H's numerator and denominator, so the exact dF is ~0 while the terms it
+        # is made of (d bg[t] holds q_u . dQ_u for the rows u after t in the chunk) are O(1).
+        # Compared on the scale of those terms.
+        got, want = list(got), list(want)
+        terms = L * (q.double().norm(dim=-1) * want[0].norm(dim=-1)).max().item()
+        err = (got[4].double().cpu() - want[4]).abs().max().item()
+        assert torch.isfinite(got[4]).all() and err <= CUDA_TOL[BF16] * terms, f"dF: {err:.2e} vs {terms:.2e}"
+        got[4] = want[4]
+    check_all(got, want, CUDA_TOL[BF16], f"fused {case}")
 
 
 @requires_cuda

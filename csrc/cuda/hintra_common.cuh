@@ -15,9 +15,9 @@
 
 #include <cuda_runtime.h>
 
-#include "common.h"
 #include "cuda/hintra_params.h"
 #include "cuda/hintra_tiles.h"
+#include "cuda/log_forget.cuh"
 #include "cuda/mma.cuh"
 
 namespace mlstm::cuda {
@@ -28,7 +28,6 @@ constexpr float kMaxShift = 64.f;         // largest frame shift delta
 // Chunks whose |bg| or |i| passes this take the exact exponent: the fast one forms D - F as
 // (bg[t] - F[t]) + (i[s] - bg[s]), where i is lost beside a huge bg (f = -1e30, say).
 constexpr float kWideGate = 128.f;
-constexpr float kMinLogForgetF = static_cast<float>(kMinLogForget);
 
 // max that keeps NaN (fmaxf drops it): a NaN gate must show in m like in every other output.
 __device__ __forceinline__ float nan_max(float a, float b) {
@@ -99,7 +98,7 @@ __device__ __forceinline__ Tile tile_of_block(const HintraParams& p, int rows, i
 // The gate scratch in shared memory (kGateArrays per key, kRowArrays per query row).
 struct GateScratch {
   float* bg;       // [key] bg (cumulative log forget gate), rounded to float
-  float* bg_lo;    // [key] bg - float(bg) of the float64 sum: a span keeps gates beside huge ones
+  float* bg_lo;    // [key] wide: bg - float(bg) of the float64 sum (a span keeps gates beside huge ones)
   float* col_a;    // [key] fast: log2e (i - bg); wide: i (in stage_gates: the prefix max)
   float* col_b;    // [key] wide: bg (in stage_gates: i)
   float* row_a;    // [row] fast: log2e ((bg - m) + delta); wide: log2e (delta - m)
@@ -123,7 +122,7 @@ __device__ __forceinline__ GateScratch gate_scratch(unsigned char* smem, int gat
   return g;
 }
 
-// bg[t] - bg[s] from the float64 sum's two parts: the float parts subtract exactly where they are
+// bg[t] - bg[s] of a wide chunk from the float64 sum's two parts: the float parts subtract exactly where they are
 // close, and where they are not the span is huge and its low bits do not matter.
 __device__ __forceinline__ float span(const GateScratch& gs, int t, int s) {
   return (gs.bg[t] - gs.bg[s]) + (gs.bg_lo[t] - gs.bg_lo[s]);
@@ -139,14 +138,11 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   const float m_prev = p.m[tile.b * p.m_sb + tile.h * p.m_sh + tile.chunk * p.m_ss];
   // All threads fetch the gates at once (one memory round trip), then warp 0 scans in shared.
   float big = 0.f;  // max |i| and |bg| seen by this thread
+  const float* gf = p.fgate + tile.b * p.f_sb + tile.h * p.f_sh + tile.s0 * p.f_ss;
   {
     const float* gi = p.igate + tile.b * p.i_sb + tile.h * p.i_sh + tile.s0 * p.i_ss;
-    const float* gf = p.fgate + tile.b * p.f_sb + tile.h * p.f_sh + tile.s0 * p.f_ss;
     for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
-      const float f = gf[s * p.f_ss];
-      const float lf = fminf(f, 0.f) - log1pf(expf(-fabsf(f)));  // logsigmoid, scanned below
-      // SPEC.md step 1: finite gates below kMinLogForget count as it (NaN and -inf pass as they are).
-      gs.bg[s] = (lf < kMinLogForgetF && !isinf(lf)) ? kMinLogForgetF : lf;
+      gs.bg[s] = log_forget(gf[s * p.f_ss]);  // scanned below
       const float iv = gi[s * p.i_ss];
       gs.col_b[s] = iv;
       big = fmaxf(big, fabsf(iv));
@@ -154,24 +150,13 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   }
   __syncthreads();
   if (warp == 0) {
-    // The prefix sum in float64, kept as float + remainder: a span bg[t] - bg[s] after a -1e6 gate
-    // keeps the ordinary gates (a float32 sum would absorb them).
-    double carry = 0.0;
-    float carry_max = -INFINITY;
+    float carry = 0.f, carry_max = -INFINITY;
     for (int base = 0; base < row_end; base += 32) {
       const int s = base + lane;
-      const double lf = s < row_end ? gs.bg[s] : 0.f;
+      const float lf = s < row_end ? gs.bg[s] : 0.f;
       const float iv = s < row_end ? gs.col_b[s] : 0.f;
-      double x = lf;  // inclusive warp scan
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const double y = __shfl_up_sync(0xffffffffu, x, off);
-        if (lane >= off) x += y;
-      }
-      const double bg_exact = x + carry;
-      carry = __shfl_sync(0xffffffffu, bg_exact, 31);
-      const float bg = static_cast<float>(bg_exact);
-      const float lo = isfinite(bg) ? static_cast<float>(bg_exact - bg) : 0.f;
+      const float bg = warp_inclusive_sum(lf) + carry;
+      carry = __shfl_sync(0xffffffffu, bg, 31);
       float pm = s < row_end ? iv - bg : -INFINITY;
 #pragma unroll
       for (int off = 1; off < 32; off *= 2) {
@@ -182,13 +167,32 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
       carry_max = __shfl_sync(0xffffffffu, pm, 31);
       if (s < row_end) {
         gs.bg[s] = bg;
-        gs.bg_lo[s] = lo;
         gs.col_a[s] = pm;  // the prefix max, until the rows below have read it
         big = fmaxf(big, fabsf(bg));
       }
     }
   }
   const bool wide = __syncthreads_or(big > kWideGate);
+  if (wide) {  // block-uniform
+    // Wide chunks form every exponent from its span: the prefix sum again in float64, kept as
+    // float + remainder, so a span after a -1e6 gate keeps the ordinary gates (the float32 sum
+    // above absorbs them). Rare, and off the common path.
+    if (warp == 0) {
+      double carry = 0.0;
+      for (int base = 0; base < row_end; base += 32) {
+        const int s = base + lane;
+        const double lf = s < row_end ? log_forget(gf[s * p.f_ss]) : 0.f;
+        const double exact = warp_inclusive_sum(lf) + carry;
+        carry = __shfl_sync(0xffffffffu, exact, 31);
+        const float bg = static_cast<float>(exact);
+        if (s < row_end) {
+          gs.bg[s] = bg;
+          gs.bg_lo[s] = isfinite(bg) ? static_cast<float>(exact - bg) : 0.f;
+        }
+      }
+    }
+    __syncthreads();
+  }
   for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
     const int t = tile.row0 + r;
     float ra = 0.f, gg = 0.f, mm = 0.f, dd = 0.f;

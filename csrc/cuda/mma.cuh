@@ -1,4 +1,4 @@
-// Warp-level building blocks (sm_80+): cp.async, ldmatrix, mma.sync, tf32 splits, exp2.
+// Warp-level building blocks (sm_80+): cp.async, ldmatrix, mma.sync, tf32 splits, a warp scan, exp2.
 //
 // Fragment layouts follow the PTX ISA ("Matrix fragments for mma.m16n8k16 / m16n8k8"), with
 // g = lane / 4 and tq = lane % 4. An m16n8 float accumulator holds
@@ -100,6 +100,18 @@ __device__ __forceinline__ void mma_1688_3xtf32(float (&d)[4], const Tf32Split (
   mma_1688_tf32(d, as, b0.big, b1.big);
   mma_1688_tf32(d, ab, b0.small, b1.small);
   mma_1688_tf32(d, ab, b0.big, b1.big);
+}
+
+// Inclusive prefix sum over the lanes of a warp: lane l gets x_0 + ... + x_l (all lanes take part).
+template <typename V>
+__device__ __forceinline__ V warp_inclusive_sum(V x) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const V y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  return x;
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(32 * kGateWarps) states_gates_kernel(const Sta
     float f_next = 0.f, i_next = 0.f;
     if (end > 32) fetch(end - 32, f_next, i_next);  // the next piece's loads in flight meanwhile
     const int s = end - 32 + lane;
-    float incl = s >= 0 ? log_sigmoid(f) : 0.f;  // becomes the sum over lanes lane..31
+    float incl = s >= 0 ? log_forget(f) : 0.f;  // becomes the sum over lanes lane..31
 #pragma unroll
     for (int off = 1; off < 32; off *= 2) {
       const float y = __shfl_down_sync(kFull, incl, off);

@@ -17,7 +17,7 @@
 
 #include <cuda_runtime.h>
 
-#include "common.h"
+#include "cuda/log_forget.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/states_params.h"
 
@@ -25,13 +25,6 @@ namespace mlstm::cuda {
 
 // max that propagates NaN like torch.maximum / amax (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || isnan(a)) ? a : b; }
-
-// SPEC.md step 1: logsigmoid, finite values below kMinLogForget counted as it (NaN, -inf pass).
-__device__ __forceinline__ float log_sigmoid(float x) {
-  const float lf = fminf(x, 0.f) - log1pf(expf(-fabsf(x)));
-  constexpr float kMin = static_cast<float>(kMinLogForget);
-  return (lf < kMin && !isinf(lf)) ? kMin : lf;
-}
 
 // Two 16-bit values of one register as floats (low half first).
 template <typename T>

@@ -1,0 +1,6 @@
+// The fused backward kernels for bfloat16 inputs (one file per dtype: they compile in parallel).
+#include "cuda/bw_kernels.cuh"
+
+namespace mlstm::cuda {
+void launch_bw_bf16(const BwParams& p, bool post, cudaStream_t s) { bw::launch_bw_any<__nv_bfloat16>(p, post, s); }
+}  // namespace mlstm::cuda

@@ -1,0 +1,52 @@
+// CUDA entry of the fused backward kernels (backward.h, FusedBackwardTensors): when they serve
+// the arguments, and the parameters of one launch on the caller's stream.
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "backward.h"
+#include "cuda/bw_params.h"
+
+namespace mlstm {
+
+bool fused_backward_cuda_usable(const BackwardArgs& a) {
+  const char* env = std::getenv("MLSTM_EXT_FUSED_BACKWARD");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const StatesArgs& s = a.fw.states;
+  const at::ScalarType in = a.fw.matQ.scalar_type();
+  return a.fw.matQ.is_cuda() && (in == at::kBFloat16 || in == at::kHalf) &&
+         s.vecI.scalar_type() == at::kFloat && (s.L == 64 || s.L == 128) && s.DHQK > 0 &&
+         s.DHHV > 0 && s.DHQK % cuda::kBwTile == 0 && s.DHHV % cuda::kBwTile == 0 &&
+         s.NC > 0 && s.NC < (int64_t(1) << 30) && a.matDeltaH.defined() && (!a.exact || a.matH.defined());
+}
+
+void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, bool post) {
+  const StatesArgs& s = a.fw.states;
+  auto f = [](const at::Tensor& x) { return x.data_ptr<float>(); };
+  cuda::BwParams p{};
+  p.q = t.Q.data_ptr(), p.k = t.K.data_ptr(), p.v = t.V.data_ptr();
+  p.dh = t.dH.data_ptr(), p.h = t.H.data_ptr();
+  p.igate = f(t.I), p.fgate = f(t.F), p.den = f(t.den), p.m = f(t.m);
+  p.m_states = f(t.M_all), p.n_states = f(t.N_all);
+  p.dnsum = f(t.dnsum), p.qs = t.Qs.data_ptr(), p.xn = f(t.Xn);
+  if (post) {
+    p.c_states = f(t.C_all), p.g_states = f(t.G), p.gn = f(t.Gn), p.last_row = f(t.last_row);
+    p.dq = t.dQ.data_ptr(), p.dk = t.dK.data_ptr(), p.dv = t.dV.data_ptr();
+    p.di = f(t.dI), p.df = f(t.dF);
+  }
+  p.num_blocks = t.Q.size(0) * s.NC;
+  p.S = s.S;
+  p.NC = static_cast<int>(s.NC), p.L = static_cast<int>(s.L);
+  p.DQ = static_cast<int>(s.DHQK), p.DV = static_cast<int>(s.DHHV);
+  p.qk_scale = static_cast<float>(a.fw.qk_scale), p.eps = static_cast<float>(a.fw.eps);
+  p.exact = a.exact;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (a.fw.matQ.scalar_type() == at::kBFloat16) {
+    cuda::launch_bw_bf16(p, post, stream);
+  } else {
+    cuda::launch_bw_fp16(p, post, stream);
+  }
+}
+
+}  // namespace mlstm

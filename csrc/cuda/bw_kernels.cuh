@@ -1,0 +1,546 @@
+// The fused per-chunk kernels of the CUDA backward (bw_params.h says what each computes), as
+// templates over the 16-bit input type T and the chunk size L (64 or 128). mma.sync on tensor
+// cores (sm_80 and later), float32 accumulators; the L x L matrices never leave the block.
+//
+// Accumulator layout (mma.cuh): element e of n-tile nt of a warp's 16 x 8NT accumulator sits at
+// row 16 warp + g (+8 for e >= 2) and column 8 nt + 2 tq + (e & 1), g = lane / 4, tq = lane % 4.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include "common.h"
+#include "cuda/bw_params.h"
+#include "cuda/log_forget.cuh"
+#include "cuda/mma.cuh"
+
+namespace mlstm::cuda::bw {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kLd = kBwTile + 8;  // row stride of a staged tile: ldmatrix rows hit distinct banks
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFull, x, 1);
+  return x + __shfl_xor_sync(kFull, x, 2);
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(kFull, x, off);
+  return x;
+}
+// torch.sign: NaN stays NaN, 0 gives 0.
+__device__ __forceinline__ float sign_of(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : x); }
+
+template <typename T>
+__device__ __forceinline__ float2 load2(const T* p) {  // two adjacent 16-bit values as floats
+  const uint32_t u = *reinterpret_cast<const uint32_t*>(p);
+  const T* h = reinterpret_cast<const T*>(&u);
+  return make_float2(to_float(h[0]), to_float(h[1]));
+}
+
+// Per-chunk gate scratch in shared memory, L floats each (SPEC.md steps 1-2 and the backward's
+// row factors). bg is the float64 prefix sum of the clamped log forget gates kept as float +
+// remainder, so a span bg[t] - bg[s] keeps the ordinary gates after a huge one.
+constexpr int kGateArrays = 8;
+struct Gates {
+  float *bg, *bg_lo, *iv, *m, *r, *gq, *ga, *dns;
+};
+__device__ __forceinline__ Gates gates_at(float* base, int L) {
+  return {base, base + L, base + 2 * L, base + 3 * L, base + 4 * L, base + 5 * L, base + 6 * L, base + 7 * L};
+}
+__device__ __forceinline__ float span(const Gates& s, int t, int u) {
+  return (s.bg[t] - s.bg[u]) + (s.bg_lo[t] - s.bg_lo[u]);
+}
+
+// Stages the chunk's gates: r = 1 / (den + eps), gq[t] = qk_scale exp(bg[t] + m_k - m[t]) (weight
+// of the incoming state in row t), ga[s] = exp(g_k - bg[s] + i[s] - m_{k+1}) (weight of key s in
+// the next state), dns = dnsum when `read_dnsum`, else 0.
+template <int L>
+__device__ void stage_gates(const BwParams& p, int64_t pair, int chunk, const Gates& s, bool read_dnsum) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row0 = pair * p.S + static_cast<int64_t>(chunk) * L;
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    s.bg[t] = log_forget(p.fgate[row0 + t]);  // SPEC.md step 1
+    s.iv[t] = p.igate[row0 + t];
+    s.m[t] = p.m[row0 + t];
+    s.r[t] = 1.f / (p.den[row0 + t] + p.eps);
+    s.dns[t] = read_dnsum ? p.dnsum[row0 + t] : 0.f;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    double carry = 0.0;
+    for (int base = 0; base < L; base += 32) {
+      const double exact = warp_inclusive_sum(static_cast<double>(s.bg[base + lane])) + carry;
+      carry = __shfl_sync(kFull, exact, 31);
+      const float hi = static_cast<float>(exact);
+      s.bg[base + lane] = hi;
+      s.bg_lo[base + lane] = isfinite(hi) ? static_cast<float>(exact - hi) : 0.f;
+    }
+  }
+  __syncthreads();
+  const float m_prev = p.m_states[pair * (p.NC + 1) + chunk];
+  const float m_next = p.m_states[pair * (p.NC + 1) + chunk + 1];
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    s.gq[t] = p.qk_scale * expf((s.bg[t] + m_prev) - s.m[t]);
+    s.ga[t] = expf(span(s, L - 1, t) + (s.iv[t] - m_next));
+  }
+  __syncthreads();
+}
+
+// rows x kBwTile elements of a row-major global matrix (16-byte aligned rows) into a tile of row
+// stride kLd; the caller commits and waits.
+template <typename T>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t g_stride, int rows) {
+  constexpr int kPieces = kBwTile * static_cast<int>(sizeof(T)) / 16;
+  constexpr int kE = 16 / sizeof(T);
+  for (int idx = threadIdx.x; idx < rows * kPieces; idx += blockDim.x) {
+    const int r = idx / kPieces, c = (idx % kPieces) * kE;
+    cp_async_16(s + r * kLd + c, g + r * g_stride + c, 16);
+  }
+}
+
+// A kBwTile x kBwTile block of a row-major float32 matrix, fetched into registers (so that it is in
+// flight while the block computes), then rounded to T into a tile of row stride kLd.
+template <typename T, int kThreads>
+struct F32Block {
+  static constexpr int kQuads = kBwTile / 4, kN = kBwTile * kQuads / kThreads;
+  static_assert(kBwTile * kQuads % kThreads == 0, "the block must split evenly over the threads");
+  float4 x[kN];
+  __device__ __forceinline__ void fetch(const float* g, int64_t g_stride) {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      const int idx = threadIdx.x + j * kThreads, r = idx / kQuads, c = (idx % kQuads) * 4;
+      x[j] = *reinterpret_cast<const float4*>(g + r * g_stride + c);
+    }
+  }
+  __device__ __forceinline__ void store(T* s) const {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      const int idx = threadIdx.x + j * kThreads, r = idx / kQuads, c = (idx % kQuads) * 4;
+      *reinterpret_cast<uint2*>(s + r * kLd + c) = make_uint2(pack2<T>(x[j].x, x[j].y), pack2<T>(x[j].z, x[j].w));
+    }
+  }
+};
+
+// acc (this warp's 16 rows x 8 NT columns) += A (16 x 16 k-steps [k0, k1)) * B on tensor cores,
+// n-tile pairs np < np_end only. A is stored [m][k] (kAT false) or [k][m] (kAT true, read
+// transposed); B is stored [n][k] (kBT false) or [k][n] (kBT true). a and b point at (0, 0).
+template <typename T, bool kAT, bool kBT, int NT>
+__device__ __forceinline__ void warp_gemm(float (&acc)[NT][4], const T* a, int lda, const T* b,
+                                          int ldb, int k0, int k1, int np_end = NT / 2) {
+  const int lane = threadIdx.x % 32;
+  for (int ks = k0; ks < k1; ++ks) {
+    uint32_t af[4];
+    if constexpr (kAT) {
+      ldmatrix_x4_trans(af, a + (ks * 16 + (lane & 7) + (lane >> 4) * 8) * lda + ((lane >> 3) & 1) * 8);
+    } else {
+      ldmatrix_x4(af, a + (lane & 15) * lda + ks * 16 + (lane >> 4) * 8);
+    }
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      if (np < np_end) {
+        uint32_t bf[4];
+        if constexpr (kBT) {
+          ldmatrix_x4_trans(bf, b + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + np * 16 + (lane >> 4) * 8);
+        } else {
+          ldmatrix_x4(bf, b + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks * 16 + ((lane >> 3) & 1) * 8);
+        }
+        mma_16816<T>(acc[2 * np], af, bf[0], bf[1]);
+        mma_16816<T>(acc[2 * np + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// acc = X Y^T over D / kBwTile staged tiles of the chunk's rows of X and Y (both (L, D) row-major
+// from x, y): the warp's 16 rows against the keys up to its last row.
+template <typename T, int L>
+__device__ __forceinline__ void chunk_gram(float (&acc)[L / 8][4], const T* x, const T* y, int D,
+                                           T* sX, T* sY) {
+  const int warp = threadIdx.x / 32;
+  zero(acc);
+  for (int d0 = 0; d0 < D; d0 += kBwTile) {
+    load_tile(sX, x + d0, D, L);
+    load_tile(sY, y + d0, D, L);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    warp_gemm<T, false, false, L / 8>(acc, sX + warp * 16 * kLd, kLd, sY, kLd, 0, kBwTile / 16, warp + 1);
+    __syncthreads();
+  }
+}
+
+// acc = sum over i < n of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16 rows of
+// the (L, kBwTile) tiles X_i = x + i x_step (row stride x_ld) times the kBwTile x kBwTile float32
+// blocks M_i = m + i m_step (row stride m_ld), rounded to 16 bits as they are staged. Two buffers
+// each: the loads of step i + 1 are in flight during the products of step i. Waits for every
+// cp.async group the caller committed before.
+template <typename T, int L, bool kBT>
+__device__ __forceinline__ void rows_by_state(float (&acc)[kBwTile / 8][4], const T* x, int64_t x_step,
+                                              int64_t x_ld, const float* m, int64_t m_step,
+                                              int64_t m_ld, int n, T* sX, T* sM) {
+  const int warp = threadIdx.x / 32;
+  F32Block<T, 2 * L> next;
+  zero(acc);
+  load_tile(sX, x, x_ld, L);
+  cp_async_commit();
+  next.fetch(m, m_ld);
+  for (int i = 0; i < n; ++i) {
+    T* x_buf = sX + (i & 1) * L * kLd;
+    T* m_buf = sM + (i & 1) * kBwTile * kLd;
+    next.store(m_buf);
+    if (i + 1 < n) {
+      load_tile(sX + ((i + 1) & 1) * L * kLd, x + (i + 1) * x_step, x_ld, L);
+      cp_async_commit();
+      next.fetch(m + (i + 1) * m_step, m_ld);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    warp_gemm<T, false, kBT, kBwTile / 8>(acc, x_buf + warp * 16 * kLd, kLd, m_buf, kLd, 0, kBwTile / 16);
+    __syncthreads();  // the buffers of step i are refilled at step i + 2
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// bw_pre: dnsum (exact mode), Qs = Q gq r, Xn = sum_t gq[t] dnsum[t] q_t.
+template <typename T, int L>
+__global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
+  constexpr int NT = L / 8, NW = L / 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + L * kLd;
+  float* fl = reinterpret_cast<float*>(sK + L * kLd);
+  const Gates s = gates_at(fl, L);
+  float* qn = fl + kGateArrays * L;  // q_t . n_k
+  float* ddot = qn + L;              // dH_t . H_t
+  float* nk = ddot + L;              // a tile of n_k
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
+  const int64_t blk = blockIdx.x, pair = blk / p.NC;
+  const int chunk = static_cast<int>(blk % p.NC);
+  const int64_t row0 = pair * p.S + static_cast<int64_t>(chunk) * L;
+  const T* Q = static_cast<const T*>(p.q) + row0 * p.DQ;
+  stage_gates<L>(p, pair, chunk, s, false);
+
+  if (p.exact) {
+    // nsum[t] = sum_s W[t, s] + gq[t] q_t . n_k: S = Q K^T with q . n alongside.
+    for (int t = threadIdx.x; t < L; t += blockDim.x) qn[t] = 0.f;
+    const T* K = static_cast<const T*>(p.k) + row0 * p.DQ;
+    const float* n_k = p.n_states + (pair * (p.NC + 1) + chunk) * p.DQ;
+    float acc[NT][4];
+    zero(acc);
+    for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
+      load_tile(sQ, Q + d0, p.DQ, L);
+      load_tile(sK, K + d0, p.DQ, L);
+      for (int c = threadIdx.x; c < kBwTile; c += blockDim.x) nk[c] = n_k[d0 + c];
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      warp_gemm<T, false, false, NT>(acc, sQ + warp * 16 * kLd, kLd, sK, kLd, 0, kBwTile / 16, warp + 1);
+      for (int t = threadIdx.x; t < L; t += blockDim.x) {
+        float x = 0.f;
+        for (int c = 0; c < kBwTile; ++c) x = fmaf(to_float(sQ[t * kLd + c]), nk[c], x);
+        qn[t] += x;
+      }
+      __syncthreads();
+    }
+    // dH_t . H_t, a warp per row (coalesced).
+    const T* dH = static_cast<const T*>(p.dh) + row0 * p.DV;
+    const T* H = static_cast<const T*>(p.h) + row0 * p.DV;
+    for (int t = warp; t < L; t += NW) {
+      float x = 0.f;
+      for (int c = 2 * lane; c < p.DV; c += 64) {
+        const float2 a = load2(dH + t * p.DV + c), b = load2(H + t * p.DV + c);
+        x = fmaf(a.x, b.x, fmaf(a.y, b.y, x));
+      }
+      x = warp_sum(x);
+      if (lane == 0) ddot[t] = x;
+    }
+    __syncthreads();
+    const int t0 = warp * 16 + g, t1 = t0 + 8;
+    float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = e < 2 ? t0 : t1, u = nt * 8 + 2 * tq + (e & 1);
+        const float w = u <= t ? p.qk_scale * acc[nt][e] * expf(span(s, t, u) + s.iv[u] - s.m[t]) : 0.f;
+        (e < 2 ? rs0 : rs1) += w;
+      }
+    }
+    rs0 = quad_sum(rs0), rs1 = quad_sum(rs1);
+    if (tq == 0) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int t = j == 0 ? t0 : t1;
+        const float nsum = (j == 0 ? rs0 : rs1) + s.gq[t] * qn[t];
+        // den = max(|nsum|, e^-m): the gradient follows |nsum| where it is the larger.
+        const float dn = fabsf(nsum) < expf(-s.m[t]) ? 0.f : -s.r[t] * ddot[t] * sign_of(nsum);
+        s.dns[t] = dn;
+        p.dnsum[row0 + t] = dn;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Qs and Xn, two columns per thread, the rows in order (coalesced along the columns).
+  T* Qs = static_cast<T*>(p.qs) + row0 * p.DQ;
+  float* xn = p.xn + blk * p.DQ;
+  for (int d = 2 * threadIdx.x; d < p.DQ; d += 2 * blockDim.x) {
+    float x0 = 0.f, x1 = 0.f;
+    for (int t0 = 0; t0 < L; t0 += 8) {
+      float2 q[8];  // eight rows' loads in flight before the first store
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[j] = load2(Q + (t0 + j) * p.DQ + d);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int t = t0 + j;
+        const float sc = s.gq[t] * s.r[t], w = s.gq[t] * s.dns[t];
+        *reinterpret_cast<uint32_t*>(Qs + t * p.DQ + d) = pack2<T>(q[j].x * sc, q[j].y * sc);
+        x0 = fmaf(q[j].x, w, x0);
+        x1 = fmaf(q[j].y, w, x1);
+      }
+    }
+    xn[d] = x0;
+    xn[d + 1] = x1;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// bw_post: everything else, per chunk.
+// Byte offsets: the Q/K (or dH) tiles, the two L x L operands, then one region that holds the
+// parked dH V^T during the elementwise step and the inter-chunk tiles after it, then the floats.
+template <int L>
+struct PostSmem {
+  static constexpr int kLdL = L + 8;  // row stride of the L x L 16-bit matrices
+  static constexpr int kTiles = 0;
+  static constexpr int kDsp = kTiles + 2 * L * kLd * 2;
+  static constexpr int kWr = kDsp + L * kLdL * 2;
+  static constexpr int kFrag = kWr + L * kLdL * 2;
+  static constexpr int kX = kFrag;                     // two (L, 64) tiles of dH, V or K
+  static constexpr int kM = kX + 2 * L * kLd * 2;      // two 64 x 64 blocks of a state, 16-bit
+  static constexpr int kInter = 2 * (L + kBwTile) * kLd * 2;
+  static constexpr int kRegion = L * L * 4 > kInter ? L * L * 4 : kInter;
+  static constexpr int kFloats = kFrag + kRegion;
+  static constexpr int kBytes = kFloats + ((kGateArrays + 4) * L + 2 * kBwTile) * 4;
+};
+
+template <typename T, int L>
+__global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
+  constexpr int NT = L / 8, NW = L / 16;
+  using Lay = PostSmem<L>;
+  constexpr int LdL = Lay::kLdL;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sA = reinterpret_cast<T*>(smem + Lay::kTiles);
+  T* sB = sA + L * kLd;
+  T* sDsp = reinterpret_cast<T*>(smem + Lay::kDsp);  // qk_scale dW o P, [t][s]
+  T* sWr = reinterpret_cast<T*>(smem + Lay::kWr);    // W[t, s] r[t], [t][s]
+  float* frag = reinterpret_cast<float*>(smem + Lay::kFrag);  // r-less dH V^T, accumulator order
+  T* sX = reinterpret_cast<T*>(smem + Lay::kX);  // after the elementwise step, in frag's place
+  T* sM = reinterpret_cast<T*>(smem + Lay::kM);
+  float* fl = reinterpret_cast<float*>(smem + Lay::kFloats);
+  const Gates s = gates_at(fl, L);
+  float* rows = fl + kGateArrays * L;  // row sums of dW o W
+  float* cols = rows + L;              // column sums of dW o W
+  float* qdot = cols + L;              // q_t . (dQ's inter-chunk term)
+  float* kdot = qdot + L;              // k_s . (dK's inter-chunk term)
+  float* vec_a = kdot + L;             // a tile of n_k
+  float* vec_b = vec_a + kBwTile;      // a tile of the gradient of n_{k+1}
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
+  const int64_t blk = blockIdx.x, pair = blk / p.NC;
+  const int chunk = static_cast<int>(blk % p.NC);
+  const int64_t row0 = pair * p.S + static_cast<int64_t>(chunk) * L;
+  const T* Q = static_cast<const T*>(p.q) + row0 * p.DQ;
+  const T* K = static_cast<const T*>(p.k) + row0 * p.DQ;
+  const T* V = static_cast<const T*>(p.v) + row0 * p.DV;
+  const T* dH = static_cast<const T*>(p.dh) + row0 * p.DV;
+  for (int t = threadIdx.x; t < L; t += blockDim.x) cols[t] = 0.f;
+  stage_gates<L>(p, pair, chunk, s, p.exact);
+
+  // ---- dH V^T (parked in shared memory), then S = Q K^T in registers.
+  const int t0 = warp * 16 + g, t1 = t0 + 8;
+  float acc[NT][4];
+  chunk_gram<T, L>(acc, dH, V, p.DV, sA, sB);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    *reinterpret_cast<float4*>(frag + ((warp * NT + nt) * 32 + lane) * 4) =
+        make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+  chunk_gram<T, L>(acc, Q, K, p.DQ, sA, sB);
+
+  // ---- The L x L elementwise step: P, W = qk_scale S o P, dW = r dH V^T + dnsum (causal; the
+  // masks select, so a later row's NaN stays out), the sums of dW o W, and the 16-bit operands.
+  {
+    float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float4 dv = *reinterpret_cast<const float4*>(frag + ((warp * NT + nt) * 32 + lane) * 4);
+      const float dwv[4] = {dv.x, dv.y, dv.z, dv.w};
+      float dsp[4], wr[4], cs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = e < 2 ? t0 : t1, u = nt * 8 + 2 * tq + (e & 1);
+        const bool ok = u <= t;
+        const float pp = ok ? expf(span(s, t, u) + s.iv[u] - s.m[t]) : 0.f;
+        const float w = ok ? p.qk_scale * acc[nt][e] * pp : 0.f;
+        const float dw = ok ? fmaf(s.r[t], dwv[e], s.dns[t]) : 0.f;
+        const float prod = dw * w;
+        (e < 2 ? rs0 : rs1) += prod;
+        cs[e & 1] += prod;
+        dsp[e] = p.qk_scale * dw * pp;
+        wr[e] = w * s.r[t];
+      }
+      const int u = nt * 8 + 2 * tq;
+      *reinterpret_cast<uint32_t*>(sDsp + t0 * LdL + u) = pack2<T>(dsp[0], dsp[1]);
+      *reinterpret_cast<uint32_t*>(sDsp + t1 * LdL + u) = pack2<T>(dsp[2], dsp[3]);
+      *reinterpret_cast<uint32_t*>(sWr + t0 * LdL + u) = pack2<T>(wr[0], wr[1]);
+      *reinterpret_cast<uint32_t*>(sWr + t1 * LdL + u) = pack2<T>(wr[2], wr[3]);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {  // over the 8 row pairs of the warp (lanes of equal tq)
+        float c = cs[j];
+        c += __shfl_xor_sync(kFull, c, 4);
+        c += __shfl_xor_sync(kFull, c, 8);
+        c += __shfl_xor_sync(kFull, c, 16);
+        if (g == 0) atomicAdd(cols + u + j, c);
+      }
+    }
+    rs0 = quad_sum(rs0), rs1 = quad_sum(rs1);
+    if (tq == 0) rows[t0] = rs0, rows[t1] = rs1;
+  }
+  __syncthreads();
+
+  // ---- dQ and dK, a DQ tile at a time (their Q and K tiles staged once for both):
+  //   dQ[t] = sum_s dsp[t, s] k_s + gq[t] (r[t] (dH C_k^T)[t] + dnsum[t] n_k)
+  //   dK[s] = sum_t dsp[t, s] q_t + ga[s] ((V G_{k+1}^T)[s] + Gn)
+  // The inter-chunk products run over DHHV tiles of dH or V and of the float32 states, rounded
+  // to 16 bits as they are staged.
+  float qd0 = 0.f, qd1 = 0.f, kd0 = 0.f, kd1 = 0.f;
+  const float* n_k = p.n_states + (pair * (p.NC + 1) + chunk) * p.DQ;
+  const float* gn = p.gn + blk * p.DQ;
+  const float* C_k = p.c_states + (pair * (p.NC + 1) + chunk) * p.DQ * p.DV;
+  const float* G_k = p.g_states + blk * p.DQ * p.DV;  // the gradient of state k+1
+  constexpr int NO = kBwTile / 8;
+  for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
+    load_tile(sA, Q + d0, p.DQ, L);
+    load_tile(sB, K + d0, p.DQ, L);
+    for (int c = threadIdx.x; c < kBwTile; c += blockDim.x) vec_a[c] = n_k[d0 + c], vec_b[c] = gn[d0 + c];
+    cp_async_commit();
+    float inter[NO][4], o[NO][4];
+    // dH C_k^T and V G_{k+1}^T over the DHHV blocks (the first also waits for the Q and K tiles).
+    rows_by_state<T, L, false>(inter, dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
+    zero(o);
+    warp_gemm<T, false, true, NO>(o, sDsp + warp * 16 * LdL, LdL, sB, kLd, 0, warp + 1);
+#pragma unroll
+    for (int nt = 0; nt < NO; ++nt) {
+      const int d = nt * 8 + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int t = j == 0 ? t0 : t1;
+        const float x0 = s.gq[t] * fmaf(s.r[t], inter[nt][2 * j], s.dns[t] * vec_a[d]);
+        const float x1 = s.gq[t] * fmaf(s.r[t], inter[nt][2 * j + 1], s.dns[t] * vec_a[d + 1]);
+        const float2 q = load2(sA + t * kLd + d);
+        (j == 0 ? qd0 : qd1) += q.x * x0 + q.y * x1;
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dq) + (row0 + t) * p.DQ + d0 + d) =
+            pack2<T>(o[nt][2 * j] + x0, o[nt][2 * j + 1] + x1);
+      }
+    }
+    rows_by_state<T, L, false>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
+    zero(o);
+    warp_gemm<T, true, true, NO>(o, sDsp + warp * 16, LdL, sA, kLd, warp, NW);
+#pragma unroll
+    for (int nt = 0; nt < NO; ++nt) {
+      const int d = nt * 8 + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int u = j == 0 ? t0 : t1;  // a key row
+        const float x0 = s.ga[u] * (inter[nt][2 * j] + vec_b[d]);
+        const float x1 = s.ga[u] * (inter[nt][2 * j + 1] + vec_b[d + 1]);
+        const float2 k = load2(sB + u * kLd + d);
+        (j == 0 ? kd0 : kd1) += k.x * x0 + k.y * x1;
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + (row0 + u) * p.DQ + d0 + d) =
+            pack2<T>(o[nt][2 * j] + x0, o[nt][2 * j + 1] + x1);
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- dV, a DHHV tile at a time: dV[s] = sum_t W[t, s] r[t] dH_t + ga[s] (K G_{k+1})[s].
+  for (int e0 = 0; e0 < p.DV; e0 += kBwTile) {
+    load_tile(sA, dH + e0, p.DV, L);
+    cp_async_commit();
+    float inter[NO][4], o[NO][4];
+    // K G_{k+1} over the DHQK blocks (also waits for the dH tile).
+    rows_by_state<T, L, true>(inter, K, kBwTile, p.DQ, G_k + e0, kBwTile * p.DV, p.DV, p.DQ / kBwTile, sX, sM);
+    zero(o);
+    warp_gemm<T, true, true, NO>(o, sWr + warp * 16, LdL, sA, kLd, warp, NW);
+#pragma unroll
+    for (int nt = 0; nt < NO; ++nt) {
+      const int d = nt * 8 + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int u = j == 0 ? t0 : t1;
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv) + (row0 + u) * p.DV + e0 + d) =
+            pack2<T>(fmaf(s.ga[u], inter[nt][2 * j], o[nt][2 * j]),
+                     fmaf(s.ga[u], inter[nt][2 * j + 1], o[nt][2 * j + 1]));
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- Gates: d/d bg[t] = rows - cols + q.dQ_inter - k.dK_inter (+ the chunk's last row: every
+  // ga and the decay hold g_k); dI = cols + k.dK_inter; dF = reverse cumsum of d/d bg times
+  // sigmoid(-f) within the chunk.
+  qd0 = quad_sum(qd0), qd1 = quad_sum(qd1), kd0 = quad_sum(kd0), kd1 = quad_sum(kd1);
+  if (tq == 0) qdot[t0] = qd0, qdot[t1] = qd1, kdot[t0] = kd0, kdot[t1] = kd1;
+  __syncthreads();
+  if (warp == 0) {
+    float kd_sum = 0.f;
+    for (int t = lane; t < L; t += 32) kd_sum += kdot[t];
+    kd_sum = warp_sum(kd_sum) + p.last_row[blk];
+    float after = 0.f;  // sum of d/d bg over the positions after the current piece
+    for (int end = L; end > 0; end -= 32) {
+      const int t = end - 32 + lane;
+      float incl = rows[t] - cols[t] + qdot[t] - kdot[t] + (t == L - 1 ? kd_sum : 0.f);
+#pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const float y = __shfl_down_sync(kFull, incl, off);
+        if (lane + off < 32) incl += y;
+      }
+      const float f = p.fgate[row0 + t];
+      p.df[row0 + t] = (incl + after) / (1.f + expf(f));  // times sigmoid(-f)
+      p.di[row0 + t] = cols[t] + kdot[t];
+      after += __shfl_sync(kFull, incl, 0);
+    }
+  }
+}
+
+template <typename T, int L>
+void launch_bw(const BwParams& p, bool post, cudaStream_t stream) {
+  if (p.num_blocks == 0) return;
+  TORCH_CHECK(p.num_blocks < (int64_t(1) << 31), "chunkwise_bw: ", num(p.num_blocks),
+              " chunks exceed the CUDA grid limit; split the batch");
+  auto kernel = post ? bw_post_kernel<T, L> : bw_pre_kernel<T, L>;
+  const int bytes = post ? PostSmem<L>::kBytes
+                         : 2 * L * kLd * static_cast<int>(sizeof(T)) + ((kGateArrays + 2) * L + kBwTile) * 4;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<static_cast<unsigned>(p.num_blocks), 2 * L, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_bw_any(const BwParams& p, bool post, cudaStream_t stream) {
+  if (p.L == 64) return launch_bw<T, 64>(p, post, stream);
+  TORCH_CHECK(p.L == 128, "chunkwise_bw: internal: no fused kernel for chunk_size ", num(p.L));
+  launch_bw<T, 128>(p, post, stream);
+}
+
+}  // namespace mlstm::cuda::bw

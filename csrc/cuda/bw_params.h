@@ -1,0 +1,50 @@
+// The fused per-chunk kernels of the CUDA backward (backward.cpp's fast path; SPEC.md "The
+// backward"). One thread block per (pair, chunk), L / 16 warps, each warp 16 rows of the chunk:
+//
+//   bw_pre   (before the reverse state scan): nsum's sign and dnsum (exact mode), the 16-bit
+//            Qs = Q * gq * r whose product with dH is the gradient reaching state k, and
+//            Xn = sum_t gq[t] dnsum[t] q_t (the same for the n state).
+//   bw_post  (after the scan): the L x L work in registers and shared memory (S = Q K^T, P, W,
+//            dW = r dH V^T + dnsum, their products), the products with the float32 states C_k
+//            and G_{k+1}, then dQ, dK, dV, dI and dF.
+//
+// Every tensor is contiguous over the group's g pairs: rows are (pair * S + position).
+// Plain header (no ATen).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mlstm::cuda {
+
+constexpr int kBwTile = 64;  // DHQK / DHHV columns per staged tile; both must be multiples of it
+
+struct BwParams {
+  const void *q, *k, *v, *dh, *h;  // (g, S, D) in the inputs' 16-bit dtype
+  const float *igate, *fgate;      // (g, S)
+  const float *den, *m;            // (g, S): the forward's vecN and vecM
+  const float* m_states;           // (g, NC + 1): the recomputed m state at each chunk border
+  const float* n_states;           // (g, NC + 1, DQ)
+  float* dnsum;                    // (g, S): written by bw_pre, read by bw_post (exact mode)
+  void* qs;                        // (g, S, DQ) 16-bit: bw_pre's Qs
+  float* xn;                       // (g, NC, DQ): bw_pre's Xn
+  const float* c_states;           // (g, NC + 1, DQ, DV): the recomputed C states
+  const float* g_states;           // (g, NC, DQ, DV): the gradient of C_{k+1} (after the scan)
+  const float* gn;                 // (g, NC, DQ): the gradient of n_{k+1} (after the scan)
+  const float* last_row;           // (g, NC): decay * <state k, G_{k+1}>, C and n together
+  void *dq, *dk, *dv;              // (g, S, D) outputs, 16-bit
+  float *di, *df;                  // (g, S) outputs
+  int64_t num_blocks;              // g * NC
+  int64_t S;
+  int NC, L, DQ, DV;
+  float qk_scale, eps;
+  bool exact;
+};
+
+// The kernels for L = 64 or 128, DQ and DV multiples of kBwTile, 16-bit inputs (one file per
+// dtype): bw_pre when `post` is false, else bw_post.
+void launch_bw_bf16(const BwParams& p, bool post, cudaStream_t stream);
+void launch_bw_fp16(const BwParams& p, bool post, cudaStream_t stream);
+
+}  // namespace mlstm::cuda
