@@ -1,0 +1,72 @@
+"""The backward op alone on CUDA: the fused kernels against the batched-GEMM path
+(MLSTM_EXT_FUSED_BACKWARD=0), alternated in one process, with the relative difference of every
+gradient between the two and, with --profile N, a kernel profile of the fused path at shape N.
+
+    python3 benchmarks/bench_backward.py [--profile 0]
+"""
+import argparse
+import os
+
+import torch
+
+import mlstm_ext  # noqa: F401  (loads the ops)
+
+SHAPES = [(8, 16, 4096, 128, 128, 64), (8, 16, 4096, 128, 128, 128), (1, 8, 16384, 256, 512, 128),
+          (4, 8, 8192, 256, 512, 64)]
+
+
+def time_ms(fn, reps=7):
+    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+    ts = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        ts.append(start.elapsed_time(end))
+    return sorted(ts)[reps // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", type=int, default=-1, help="profile the fused path at this shape index")
+    args = p.parse_args()
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
+    print("| (B, NH, S, DHQK, DHHV, L) | dtype | batched-GEMM path ms | fused ms | speed-up | rel dQ/dK/dV/dI/dF |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for si, (B, NH, S, DQ, DV, L) in enumerate(SHAPES):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k = (torch.randn(B, NH, S, DQ, device="cuda", generator=g).bfloat16() for _ in range(2))
+        v = torch.randn(B, NH, S, DV, device="cuda", generator=g).bfloat16()
+        i = torch.randn(B, NH, S, device="cuda", generator=g)
+        f = 3 + torch.randn(B, NH, S, device="cuda", generator=g)
+        out = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, chunk_size=L)
+        dH = torch.randn_like(out[0])
+
+        def bwd():
+            return torch.ops.mlstm.chunkwise_bw(q, k, v, i, f, None, None, None, out[0], out[4], out[5],
+                                                dH, None, None, chunk_size=L)
+        ms, grads = {"0": [], "1": []}, {}
+        for mode in ("0", "1", "0", "1"):  # alternated: drifts of the card hit both
+            os.environ["MLSTM_EXT_FUSED_BACKWARD"] = mode
+            grads[mode] = bwd()
+            bwd()
+            ms[mode].append(time_ms(bwd))
+        os.environ.pop("MLSTM_EXT_FUSED_BACKWARD")
+        rel = [((a.float() - b.float()).norm() / b.float().norm()).item()
+               for a, b in zip(grads["1"][:5], grads["0"][:5])]
+        old, new = min(ms["0"]), min(ms["1"])
+        print(f"| {(B, NH, S, DQ, DV, L)} | bf16 | {old:.3f} | {new:.3f} | {old / new:.1f}x | "
+              + "/".join(f"{e:.1e}" for e in rel) + " |", flush=True)
+        if si == args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                bwd()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        del q, k, v, i, f, out, dH, grads
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
