@@ -31,6 +31,7 @@
 #include <new>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "hintra.h"
 
 namespace mlstm {
@@ -44,34 +45,11 @@ constexpr double kMaxFrameShift = 64.0;
 // like L (rows of TQ < L), not L^2.
 constexpr int64_t kWTileFloats = int64_t(1) << 20;
 
-// The hot loops are compiled twice on x86-64: for AVX2/FMA (16 ymm registers: 6-row tiles of 8-lane
-// vectors) and for the SSE2 baseline (16 xmm registers: 2-row tiles of 4-lane vectors);
-// hintra_cpu picks at run time. MLSTM_EXT_CPU_PORTABLE=1 forces the baseline (tests use it).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MLSTM_CPU_X86 1
-#define MLSTM_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-constexpr int kMRPortable = 2;
-#else
-#define MLSTM_CPU_X86 0
-constexpr int kMRPortable = 6;  // e.g. aarch64: 32 vector registers
-#endif
-#define MLSTM_INLINE inline __attribute__((always_inline))
-#define MLSTM_LAMBDA_INLINE __attribute__((always_inline))
-// The vf8 helpers are always inlined, so the AVX-vs-SSE argument ABI GCC warns about never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
+// The hot loops are compiled twice on x86-64 (simd.h); hintra_cpu picks at run time.
+using namespace cpu;
 
-// 8 float lanes (GCC/Clang vector extension): one AVX2 register in the x86-64-v3 clone, two SSE
-// registers in the default one, what the target has elsewhere.
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-
-MLSTM_INLINE vf8 load8(const float* p) {
-  vf8 r;
-  std::memcpy(&r, p, sizeof r);  // unaligned load
-  return r;
-}
-MLSTM_INLINE void store8(float* p, vf8 x) { std::memcpy(p, &x, sizeof x); }
+MLSTM_INLINE vf8 load8(const float* p) { return loadv<vf8>(p); }
+MLSTM_INLINE void store8(float* p, vf8 x) { storev(p, x); }
 MLSTM_INLINE float hsum8(vf8 x) {  // pairwise: the two halves first (one vector add)
   vf4 lo, hi;
   std::memcpy(&lo, &x, sizeof lo);
@@ -144,14 +122,7 @@ MLSTM_INLINE double intra_max_row(int64_t t, const double* bg, const double* iv,
 // A1 / A2 have row strides lda1 / lda2; B1 is a 16-wide panel (row stride kNR), B2 has row stride
 // ldb2; rscale == nullptr means 1.
 // MR = 6 keeps 12 accumulators + 2 B vectors + 1 broadcast in the 16 AVX2 registers.
-constexpr int kMRAvx2 = 6, kNR = 16;
-
-template <typename V>
-MLSTM_INLINE V loadv(const float* p) {
-  V r;
-  std::memcpy(&r, p, sizeof r);
-  return r;
-}
+constexpr int kNR = 16;
 
 // V is the register vector: vf8 (AVX2) or vf4 (SSE2 / NEON); kNR / lanes of them span a tile row.
 template <int MR, typename V>

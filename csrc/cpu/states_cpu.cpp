@@ -25,50 +25,25 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "states.h"
 
 namespace mlstm {
 namespace {
 
-// The micro-kernel is compiled twice on x86-64 (as in hintra_cpu.cpp; these helpers could move
-// to a shared csrc/cpu header): AVX2/FMA with 6-row tiles of 8-lane vectors, and the SSE2
-// baseline with 2-row tiles of 4-lane vectors. MLSTM_EXT_CPU_PORTABLE=1 forces the baseline.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MLSTM_STATES_X86 1
-#define MLSTM_STATES_AVX2 __attribute__((target("arch=x86-64-v3")))
-constexpr int kMRPortable = 2;
-#else
-#define MLSTM_STATES_X86 0
-constexpr int kMRPortable = 6;  // e.g. aarch64: 32 vector registers
-#endif
-#define MLSTM_STATES_INLINE inline __attribute__((always_inline))
-// The vector helpers are always inlined: the AVX-vs-SSE argument ABI GCC warns about never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
+// The micro-kernel is compiled twice on x86-64, as in hintra_cpu.cpp (simd.h).
+using namespace cpu;
 
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-typedef double vd2 __attribute__((vector_size(16)));
-
-constexpr int kMRAvx2 = 6;  // 12 accumulators + 2 B vectors + 1 broadcast: 15 of 16 ymm
-constexpr int kNR = 16;     // columns per register tile and per packed V panel
+constexpr int kNR = 16;  // columns per register tile and per packed V panel
 constexpr int kRowQuantum = 6;  // row tiles are multiples of this (kMRAvx2, a multiple of kMRPortable)
 constexpr int64_t kMaxRows = 128;
-
-template <typename V, typename T>
-MLSTM_STATES_INLINE V loadv(const T* p) {
-  V r;
-  std::memcpy(&r, p, sizeof r);  // unaligned
-  return r;
-}
-template <typename V, typename T>
-MLSTM_STATES_INLINE void storev(T* p, V x) { std::memcpy(p, &x, sizeof x); }
 
 // One register tile, MR rows of C by kNR columns:
 //   c[i, 0:kNR] = decay * c[i, 0:kNR] + sum_{p<k} A[p, i] Vp[p, 0:kNR]
 // A is (K diag(w))^T stored key-major (A[p * lda + i]), Vp one packed V panel (row stride kNR).
 template <int MR, typename V, typename T>
-MLSTM_STATES_INLINE void tile(const T* A, int64_t lda, const T* Vp, int64_t k, T decay, T* c,
-                              int64_t ldc) {
+MLSTM_INLINE void tile(const T* A, int64_t lda, const T* Vp, int64_t k, T decay, T* c,
+                       int64_t ldc) {
   constexpr int W = sizeof(V) / sizeof(T), NV = kNR / W;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -88,8 +63,8 @@ MLSTM_STATES_INLINE void tile(const T* A, int64_t lda, const T* Vp, int64_t k, T
 
 // tile<> for mr = 1..MR rows (the last row block of a task may be short).
 template <int MR, typename V, typename T>
-MLSTM_STATES_INLINE void tile_rows(int64_t mr, const T* A, int64_t lda, const T* Vp, int64_t k,
-                                   T decay, T* c, int64_t ldc) {
+MLSTM_INLINE void tile_rows(int64_t mr, const T* A, int64_t lda, const T* Vp, int64_t k,
+                            T decay, T* c, int64_t ldc) {
   if (mr == MR) return tile<MR, V>(A, lda, Vp, k, decay, c, ldc);
   if constexpr (MR > 1) tile_rows<MR - 1, V>(mr, A, lda, Vp, k, decay, c, ldc);
 }
@@ -106,7 +81,7 @@ struct Update {
 };
 
 template <int MR, typename V, typename T>
-MLSTM_STATES_INLINE void update_rows(const Update<T>& u) {
+MLSTM_INLINE void update_rows(const Update<T>& u) {
   // Column panels outer: one V panel (L * kNR values) stays in L1 while every row block uses it.
   for (int64_t j0 = 0; j0 < u.DVp; j0 += kNR) {
     const T* panel = u.vp + j0 * u.L;
@@ -117,8 +92,8 @@ MLSTM_STATES_INLINE void update_rows(const Update<T>& u) {
   }
 }
 
-#if MLSTM_STATES_X86
-MLSTM_STATES_AVX2 void update_avx2(const Update<float>& u) { update_rows<kMRAvx2, vf8>(u); }
+#if MLSTM_CPU_X86
+MLSTM_TARGET_AVX2 void update_avx2(const Update<float>& u) { update_rows<kMRAvx2, vf8>(u); }
 #endif
 void update_portable(const Update<float>& u) { update_rows<kMRPortable, vf4>(u); }
 void update_double(const Update<double>& u) { update_rows<2, vd2>(u); }
@@ -129,7 +104,7 @@ using UpdateFn = void (*)(const Update<T>&);
 UpdateFn<float> pick_update(float*) {
   const char* force = std::getenv("MLSTM_EXT_CPU_PORTABLE");
   if (force != nullptr && force[0] == '1') return update_portable;
-#if MLSTM_STATES_X86
+#if MLSTM_CPU_X86
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return update_avx2;
 #endif
   return update_portable;
