@@ -7,6 +7,7 @@
 
 #include "backward.h"
 #include "cuda/bw_params.h"
+#include "cuda/device_facts.h"
 
 namespace mlstm {
 
@@ -15,8 +16,11 @@ bool fused_backward_cuda_usable(const BackwardArgs& a) {
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const StatesArgs& s = a.fw.states;
   const at::ScalarType in = a.fw.matQ.scalar_type();
+  // bw_post at L = 128 takes ~175 KB of shared memory: Hopper has it, an A100 (163 KB) does not.
   return a.fw.matQ.is_cuda() && (in == at::kBFloat16 || in == at::kHalf) &&
-         s.vecI.scalar_type() == at::kFloat && (s.L == 64 || s.L == 128) && s.DHQK > 0 &&
+         (s.L == 64 || s.L == 128) &&
+         cuda::bw_fits(static_cast<int>(s.L), cuda::device_facts(a.fw.matQ.get_device()).smem_per_block_optin) &&
+         s.vecI.scalar_type() == at::kFloat && s.DHQK > 0 &&
          s.DHHV > 0 && s.DHQK % cuda::kBwTile == 0 && s.DHHV % cuda::kBwTile == 0 &&
          s.NC > 0 && s.NC < (int64_t(1) << 30) && a.matDeltaH.defined() && (!a.exact || a.matH.defined());
 }

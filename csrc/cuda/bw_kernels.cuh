@@ -18,7 +18,6 @@
 namespace mlstm::cuda::bw {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kLd = kBwTile + 8;  // row stride of a staged tile: ldmatrix rows hit distinct banks
 
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(kFull, x, 1);
@@ -39,10 +38,9 @@ __device__ __forceinline__ float2 load2(const T* p) {  // two adjacent 16-bit va
   return make_float2(to_float(h[0]), to_float(h[1]));
 }
 
-// Per-chunk gate scratch in shared memory, L floats each (SPEC.md steps 1-2 and the backward's
-// row factors). bg is the float64 prefix sum of the clamped log forget gates kept as float +
-// remainder, so a span bg[t] - bg[s] keeps the ordinary gates after a huge one.
-constexpr int kGateArrays = 8;
+// Per-chunk gate scratch in shared memory, kGateArrays arrays of L floats (SPEC.md steps 1-2 and
+// the backward's row factors). bg is the float64 prefix sum of the clamped log forget gates kept
+// as float + remainder, so a span bg[t] - bg[s] keeps the ordinary gates after a huge one.
 struct Gates {
   float *bg, *bg_lo, *iv, *m, *r, *gq, *ga, *dns;
 };
@@ -317,23 +315,6 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
 
 // ------------------------------------------------------------------------------------------------
 // bw_post: everything else, per chunk.
-// Byte offsets: the Q/K (or dH) tiles, the two L x L operands, then one region that holds the
-// parked dH V^T during the elementwise step and the inter-chunk tiles after it, then the floats.
-template <int L>
-struct PostSmem {
-  static constexpr int kLdL = L + 8;  // row stride of the L x L 16-bit matrices
-  static constexpr int kTiles = 0;
-  static constexpr int kDsp = kTiles + 2 * L * kLd * 2;
-  static constexpr int kWr = kDsp + L * kLdL * 2;
-  static constexpr int kFrag = kWr + L * kLdL * 2;
-  static constexpr int kX = kFrag;                     // two (L, 64) tiles of dH, V or K
-  static constexpr int kM = kX + 2 * L * kLd * 2;      // two 64 x 64 blocks of a state, 16-bit
-  static constexpr int kInter = 2 * (L + kBwTile) * kLd * 2;
-  static constexpr int kRegion = L * L * 4 > kInter ? L * L * 4 : kInter;
-  static constexpr int kFloats = kFrag + kRegion;
-  static constexpr int kBytes = kFloats + ((kGateArrays + 4) * L + 2 * kBwTile) * 4;
-};
-
 template <typename T, int L>
 __global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
   constexpr int NT = L / 8, NW = L / 16;
@@ -529,8 +510,7 @@ void launch_bw(const BwParams& p, bool post, cudaStream_t stream) {
   TORCH_CHECK(p.num_blocks < (int64_t(1) << 31), "chunkwise_bw: ", num(p.num_blocks),
               " chunks exceed the CUDA grid limit; split the batch");
   auto kernel = post ? bw_post_kernel<T, L> : bw_pre_kernel<T, L>;
-  const int bytes = post ? PostSmem<L>::kBytes
-                         : 2 * L * kLd * static_cast<int>(sizeof(T)) + ((kGateArrays + 2) * L + kBwTile) * 4;
+  const int bytes = post ? PostSmem<L>::kBytes : PreSmem<L>::kBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<static_cast<unsigned>(p.num_blocks), 2 * L, bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -42,6 +42,38 @@ struct BwParams {
   bool exact;
 };
 
+constexpr int kLd = kBwTile + 8;  // row stride of a staged 16-bit tile: ldmatrix rows hit distinct banks
+constexpr int kGateArrays = 8;     // per-chunk gate arrays of L floats (bw_kernels.cuh, Gates)
+
+// Shared memory of bw_pre: the Q and K tiles, the gates, q . n, dH . H, a tile of n_k.
+template <int L>
+struct PreSmem {
+  static constexpr int kBytes = 2 * L * kLd * 2 + ((kGateArrays + 2) * L + kBwTile) * 4;
+};
+
+// Byte offsets: the Q/K (or dH) tiles, the two L x L operands, then one region that holds the
+// parked dH V^T during the elementwise step and the inter-chunk tiles after it, then the floats.
+template <int L>
+struct PostSmem {
+  static constexpr int kLdL = L + 8;  // row stride of the L x L 16-bit matrices
+  static constexpr int kTiles = 0;
+  static constexpr int kDsp = kTiles + 2 * L * kLd * 2;
+  static constexpr int kWr = kDsp + L * kLdL * 2;
+  static constexpr int kFrag = kWr + L * kLdL * 2;
+  static constexpr int kX = kFrag;                     // two (L, 64) tiles of dH, V or K
+  static constexpr int kM = kX + 2 * L * kLd * 2;      // two 64 x 64 blocks of a state, 16-bit
+  static constexpr int kInter = 2 * (L + kBwTile) * kLd * 2;
+  static constexpr int kRegion = L * L * 4 > kInter ? L * L * 4 : kInter;
+  static constexpr int kFloats = kFrag + kRegion;
+  static constexpr int kBytes = kFloats + ((kGateArrays + 4) * L + 2 * kBwTile) * 4;
+};
+
+// Whether one block of the kernels fits the device's shared memory per block (opt-in).
+inline bool bw_fits(int L, int smem_per_block_optin) {
+  const int need = L == 64 ? PostSmem<64>::kBytes : PostSmem<128>::kBytes;
+  return need <= smem_per_block_optin;
+}
+
 // The kernels for L = 64 or 128, DQ and DV multiples of kBwTile, 16-bit inputs (one file per
 // dtype): bw_pre when `post` is false, else bw_post.
 void launch_bw_bf16(const BwParams& p, bool post, cudaStream_t stream);
