@@ -60,7 +60,8 @@ at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const
 
 #ifdef MLSTM_EXT_WITH_CUDA
 // The fused per-chunk CUDA kernels (csrc/cuda/bw_params.h): whether they serve these arguments
-// (16-bit inputs on CUDA, chunk_size 64 or 128, DHQK and DHHV multiples of 64, an incoming dH;
+// (16-bit inputs on CUDA, chunk_size 64 or 128 where bw_post fits the device's shared memory,
+// DHQK and DHHV multiples of 64, an incoming dH;
 // MLSTM_EXT_FUSED_BACKWARD=0 turns them off), and their launch on one group's tensors: bw_pre
 // (post = false) or bw_post. Rows (g, S, D) and (g, S), contiguous, 16-byte aligned.
 struct FusedBackwardTensors {
