@@ -112,6 +112,23 @@ at::Tensor log_forget(const at::Tensor& F) {
   return at::where(lf.isinf(), lf, lf.clamp_min(kMinLogForget));
 }
 
+// Back through the recurrence for the g pairs from g0 (both paths): X[k], the gradient reaching
+// state k from chunk k's rows, becomes the gradient of state k+1 (Xn likewise for n), and the
+// initial states' gradients go to their outputs. Returns decay_k <(C_k, n_k), G_{k+1}>, the
+// gradient of log decay_k (g, NC).
+at::Tensor scan_back(const Plan& p, int64_t g0, int64_t g, at::Tensor& X, at::Tensor& Xn,
+                     const at::Tensor& decay, const at::Tensor& C_all, const at::Tensor& N_all,
+                     BackwardOutputs& out) {
+  const int64_t E = p.DQ * p.DV;
+  at::Tensor dC0 = std::get<5>(out).view({p.BH, E}).narrow(0, g0, g);
+  at::Tensor dN0 = std::get<6>(out).view({p.BH, p.DQ}).narrow(0, g0, g);
+  const at::Tensor dCl = p.dCl.defined() ? p.dCl.narrow(0, g0, g) : at::Tensor();
+  const at::Tensor dNl = p.dNl.defined() ? p.dNl.narrow(0, g0, g) : at::Tensor();
+  const at::Tensor dots_C = reverse_state_scan(X, decay, dCl, dC0, C_all, (p.NC + 1) * E);
+  const at::Tensor dots_n = reverse_state_scan(Xn, decay, dNl, dN0, N_all, (p.NC + 1) * p.DQ);
+  return decay * (dots_C.sum(-1) + dots_n.sum(-1));
+}
+
 // Gradients of g pairs starting at g0, written into the outputs' slices.
 void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const int64_t NC = p.NC, L = p.L, DQ = p.DQ, DV = p.DV, E = DQ * DV;
@@ -201,12 +218,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
                                      : at::zeros({g, NC, DQ}, Q.options().dtype(ct));
 
   // Back through the recurrence: X[k] becomes the gradient of state k+1.
-  at::Tensor dC0 = std::get<5>(out).view({p.BH, E}).narrow(0, g0, g);
-  at::Tensor dN0 = std::get<6>(out).view({p.BH, DQ}).narrow(0, g0, g);
-  const at::Tensor dCl = p.dCl.defined() ? sl(p.dCl) : at::Tensor();
-  const at::Tensor dNl = p.dNl.defined() ? sl(p.dNl) : at::Tensor();
-  const at::Tensor dots_C = reverse_state_scan(X, decay, dCl, dC0, C_all, (NC + 1) * E);
-  const at::Tensor dots_n = reverse_state_scan(Xn, decay, dNl, dN0, N_all, (NC + 1) * DQ);
+  const at::Tensor d_log_decay = scan_back(p, g0, g, X, Xn, decay, C_all, N_all, out);
 
   // State k+1 = decay_k state k + sum_s ga[s] k_s (v_s^T, 1): dK gets ga[s] (G v_s + Gn),
   // dV gets ga[s] k_s G, and log ga[s] gets k_s . (its dK term).
@@ -222,7 +234,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   dI.add_(da);
   dbg.sub_(da);
   // g_k = bg[L-1] enters every ga of the chunk and the decay.
-  dbg.select(-1, L - 1).add_(da.sum(-1) + decay * (dots_C.sum(-1) + dots_n.sum(-1)));
+  dbg.select(-1, L - 1).add_(da.sum(-1) + d_log_decay);
   // bg[t] = sum_{r <= t} logsigmoid(f[r]): a reverse cumulative sum within the chunk (the clamp
   // passes no gradient: every weight such a gate enters is 0).
   const at::Tensor dF = dbg.flip(-1).cumsum(-1).flip(-1).mul_(at::sigmoid(-F));
@@ -268,14 +280,8 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out)
   // becomes the gradient of state k+1 (and Xn that of n_{k+1}).
   at::Tensor X = bmm(t.Qs.view({g * NC, L, DQ}).transpose(1, 2), t.dH.view({g * NC, L, DV}), lp, ct)
                      .view({g, NC, E});
-  at::Tensor dC0 = std::get<5>(out).view({p.BH, E}).narrow(0, g0, g);
-  at::Tensor dN0 = std::get<6>(out).view({p.BH, DQ}).narrow(0, g0, g);
-  const at::Tensor dCl = p.dCl.defined() ? sl(p.dCl) : at::Tensor();
-  const at::Tensor dNl = p.dNl.defined() ? sl(p.dNl) : at::Tensor();
-  const at::Tensor dots_C = reverse_state_scan(X, decay, dCl, dC0, C_all, (NC + 1) * E);
-  const at::Tensor dots_n = reverse_state_scan(t.Xn, decay, dNl, dN0, N_all, (NC + 1) * DQ);
+  t.last_row = scan_back(p, g0, g, X, t.Xn, decay, C_all, N_all, out).contiguous();
   t.C_all = C_all, t.G = X, t.Gn = t.Xn;
-  t.last_row = (decay * (dots_C.sum(-1) + dots_n.sum(-1))).contiguous();
   t.dQ = std::get<0>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
   t.dK = std::get<1>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
   t.dV = std::get<2>(out).view({p.BH, p.S, DV}).narrow(0, g0, g);

@@ -12,22 +12,13 @@
 
 #include "common.h"
 #include "cuda/bw_params.h"
-#include "cuda/log_forget.cuh"
+#include "cuda/gates.cuh"
 #include "cuda/mma.cuh"
 
 namespace mlstm::cuda::bw {
 
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(kFull, x, 1);
-  return x + __shfl_xor_sync(kFull, x, 2);
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(kFull, x, off);
-  return x;
-}
 // torch.sign: NaN stays NaN, 0 gives 0.
 __device__ __forceinline__ float sign_of(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : x); }
 
@@ -46,9 +37,6 @@ struct Gates {
 };
 __device__ __forceinline__ Gates gates_at(float* base, int L) {
   return {base, base + L, base + 2 * L, base + 3 * L, base + 4 * L, base + 5 * L, base + 6 * L, base + 7 * L};
-}
-__device__ __forceinline__ float span(const Gates& s, int t, int u) {
-  return (s.bg[t] - s.bg[u]) + (s.bg_lo[t] - s.bg_lo[u]);
 }
 
 // Stages the chunk's gates: r = 1 / (den + eps), gq[t] = qk_scale exp(bg[t] + m_k - m[t]) (weight
@@ -71,9 +59,9 @@ __device__ void stage_gates(const BwParams& p, int64_t pair, int chunk, const Ga
     for (int base = 0; base < L; base += 32) {
       const double exact = warp_inclusive_sum(static_cast<double>(s.bg[base + lane])) + carry;
       carry = __shfl_sync(kFull, exact, 31);
-      const float hi = static_cast<float>(exact);
-      s.bg[base + lane] = hi;
-      s.bg_lo[base + lane] = isfinite(hi) ? static_cast<float>(exact - hi) : 0.f;
+      const SplitSum bg = split_sum(exact);
+      s.bg[base + lane] = bg.hi;
+      s.bg_lo[base + lane] = bg.lo;
     }
   }
   __syncthreads();

@@ -17,7 +17,7 @@
 
 #include "cuda/hintra_params.h"
 #include "cuda/hintra_tiles.h"
-#include "cuda/log_forget.cuh"
+#include "cuda/gates.cuh"
 #include "cuda/mma.cuh"
 
 namespace mlstm::cuda {
@@ -34,13 +34,6 @@ __device__ __forceinline__ float nan_max(float a, float b) {
   float r;
   asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
   return r;
-}
-
-// Sum over the 4 lanes of a quad (the lanes that share an mma accumulator row).
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  x += __shfl_xor_sync(0xffffffffu, x, 2);
-  return x;
 }
 
 // Stage a rows x cols tile (cols a multiple of 16 bytes) into shared memory, zero outside
@@ -100,7 +93,7 @@ struct GateScratch {
   float* bg;       // [key] bg (cumulative log forget gate), rounded to float
   float* bg_lo;    // [key] wide: bg - float(bg) of the float64 sum (a span keeps gates beside huge ones)
   float* col_a;    // [key] fast: log2e (i - bg); wide: i (in stage_gates: the prefix max)
-  float* col_b;    // [key] wide: bg (in stage_gates: i)
+  float* col_b;    // [key] in stage_gates only: i
   float* row_a;    // [row] fast: log2e ((bg - m) + delta); wide: log2e (delta - m)
   float* row_g;    // [row] qk_scale exp((bg + m_prev - m) + delta)
   float* row_m;    // [row] m
@@ -122,11 +115,6 @@ __device__ __forceinline__ GateScratch gate_scratch(unsigned char* smem, int gat
   return g;
 }
 
-// bg[t] - bg[s] of a wide chunk from the float64 sum's two parts: the float parts subtract exactly where they are
-// close, and where they are not the span is huge and its low bits do not matter.
-__device__ __forceinline__ float span(const GateScratch& gs, int t, int s) {
-  return (gs.bg[t] - gs.bg[s]) + (gs.bg_lo[t] - gs.bg_lo[s]);
-}
 
 // Steps 1-4 for query rows row0..row0+kRows-1 of one chunk, into the gate scratch. Returns
 // whether the chunk's gates are wide (block-uniform): then the exponents are formed exactly.
@@ -184,10 +172,10 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
         const double lf = s < row_end ? log_forget(gf[s * p.f_ss]) : 0.f;
         const double exact = warp_inclusive_sum(lf) + carry;
         carry = __shfl_sync(0xffffffffu, exact, 31);
-        const float bg = static_cast<float>(exact);
+        const SplitSum bg = split_sum(exact);
         if (s < row_end) {
-          gs.bg[s] = bg;
-          gs.bg_lo[s] = isfinite(bg) ? static_cast<float>(exact - bg) : 0.f;
+          gs.bg[s] = bg.hi;
+          gs.bg_lo[s] = bg.lo;
         }
       }
     }

@@ -102,6 +102,18 @@ __device__ __forceinline__ void mma_1688_3xtf32(float (&d)[4], const Tf32Split (
   mma_1688_tf32(d, ab, b0.big, b1.big);
 }
 
+// Sum over the 4 lanes of a quad (the lanes that share an mma accumulator row), and over a warp.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
 // Inclusive prefix sum over the lanes of a warp: lane l gets x_0 + ... + x_l (all lanes take part).
 template <typename V>
 __device__ __forceinline__ V warp_inclusive_sum(V x) {

@@ -4,6 +4,7 @@
 // <state k, G_{k+1}>, so the loop needs no block-wide synchronisation.
 #include <c10/cuda/CUDAException.h>
 
+#include "cuda/mma.cuh"
 #include "cuda/scan_params.h"
 
 namespace mlstm::cuda {
@@ -39,7 +40,7 @@ __global__ void __launch_bounds__(kScanThreads) reverse_state_scan_kernel(const 
       if (live) X[k * p.E] = prev;
       prev = fmaf(ds[j], prev, xs[j]);
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      dot = warp_sum(dot);
       if ((threadIdx.x & 31) == 0) p.dots[(g * p.NC + k) * p.warps_per_pair + warp] = dot;
     }
   }

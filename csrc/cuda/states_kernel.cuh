@@ -17,7 +17,7 @@
 
 #include <cuda_runtime.h>
 
-#include "cuda/log_forget.cuh"
+#include "cuda/gates.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/states_params.h"
 
