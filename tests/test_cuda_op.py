@@ -56,8 +56,9 @@ KERNEL_SHAPES = [(2, 3, 256, 64, 64, 64), (1, 2, 512, 128, 128, 128), (1, 2, 96,
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
 def test_both_16bit_kernels(make, shape, dtype):
     """The Hopper (wgmma) kernel and the sm_80 kernel each match the float64 reference; on an
-    H100/H200 with sm_90a code built they are different code (different rounding), so the
-    outputs differ in low bits: proof that the switch picked each."""
+    H100/H200 with sm_90a code built they are different code (different summation orders), so
+    the outputs (H, or the float32 normaliser) differ in low bits: proof that the switch picked
+    each."""
     B, NH, S, DHQK, DHHV, L = shape
     inp = make(B=B, NH=NH, S=S, L=L, DHQK=DHQK, DHHV=DHHV, dtype=dtype)
     outs = {}
@@ -68,7 +69,8 @@ def test_both_16bit_kernels(make, shape, dtype):
     finally:
         torch.ops.mlstm._set_sm90_enabled(True)
     if _hopper_kernel_used() and DHQK >= 8:
-        assert not torch.equal(outs["1"][0], outs["0"][0]), "both runs took the same kernel"
+        assert any(not torch.equal(a, b) for a, b in zip(outs["1"], outs["0"])), \
+            "both runs took the same kernel"
 
 
 def test_transposed_layout_strides(make, device):

@@ -1,7 +1,8 @@
 // The sm_80 main loop of the H step (mma.sync; runs on sm_80 and later), one block per
 // (batch*head, chunk, tile of up to 64 query rows, tile of BDV columns of DHHV). With the gates
 // and stabiliser staged first (hintra_common.cuh), one float accumulator per output collects
-//   g[t] * (q_t C_k)          (phase 1, tf32 / 3xtf32 tensor cores, C read at full float32 width)
+//   g[t] * (q_t C_k)          (phase 1: 16-bit inputs on bf16 tensor cores with C as C_hi + C_lo,
+//                              g applied after the product; float32 inputs in 3xtf32)
 // + sum_s w[t, s] v_s         (phase 2, 16-bit tensor cores or 3xtf32 for float32 inputs)
 // with no rescaling. Each warp owns 16 query rows; Q stays in shared memory for both phases.
 #pragma once
@@ -51,6 +52,30 @@ __device__ __forceinline__ void store_outputs(const HintraParams& p, const float
   if (write_nm && tq == 0) {
     if (ok0) p.vecN[pos0] = n0.den, p.vecM[pos0] = m0;
     if (ok1) p.vecN[pos1] = n1.den, p.vecM[pos1] = m1;
+  }
+}
+
+// 16-bit inputs: stage of C (kBKC rows of float32, row stride kSC) rewritten in place as bf16
+// C_hi | C_lo in each row (hi in its first BDV * 2 bytes, lo in the next; both 16-byte aligned, rows
+// an odd number of 16-byte units apart for conflict-free ldmatrix), so that Q C_hi + Q C_lo keeps
+// 16 bits of C (tf32 would keep 10: benchmarks/NOTES.md, issue 12's float16 case). load_tile gave
+// each row's pieces to lanes of one warp, in this order: each lane reads its own pieces (landed,
+// cp_async_wait) and the warp's lanes have all read before any writes.
+template <class Tr>
+__device__ __forceinline__ void split_c_stage(float* stage) {
+  constexpr int kPieces = Tr::kBDV / 4;
+  static_assert(32 % kPieces == 0 && (Tr::kBKC * kPieces) % 32 == 0, "a row within one warp");
+  static_assert((Tr::kSC * 4) % 32 == 16, "odd multiple of 16 bytes between rows");
+  for (int idx = threadIdx.x; idx < Tr::kBKC * kPieces; idx += blockDim.x) {
+    const int r = idx / kPieces, c = (idx % kPieces) * 4;
+    const float4 x = *reinterpret_cast<const float4*>(stage + r * Tr::kSC + c);
+    uint2 hi, lo;
+    split_bf16(x.x, x.y, hi.x, lo.x);
+    split_bf16(x.z, x.w, hi.y, lo.y);
+    __syncwarp();
+    __nv_bfloat16* row = reinterpret_cast<__nv_bfloat16*>(stage + r * Tr::kSC);
+    *reinterpret_cast<uint2*>(row + c) = hi;
+    *reinterpret_cast<uint2*>(row + Tr::kBDV + c) = lo;
   }
 }
 
@@ -119,62 +144,82 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kern
       } else {
         cp_async_wait<0>();
       }
-      if constexpr (!Tr::kIsFloat) {
-        // This thread's own copies have landed: round them to tf32 here, once, instead of in
-        // every warp's fragment loads (4x fewer conversions in the largest product).
-        float* cw = sC + (kc & 1) * Tr::kBKC * Tr::kSC;
-        for (int idx = threadIdx.x; idx < Tr::kBKC * (Tr::kBDV / 4); idx += blockDim.x) {
-          float4* pc = reinterpret_cast<float4*>(cw + (idx / (Tr::kBDV / 4)) * Tr::kSC + (idx % (Tr::kBDV / 4)) * 4);
-          float4 x = *pc;
-          x.x = __uint_as_float(to_tf32(x.x));
-          x.y = __uint_as_float(to_tf32(x.y));
-          x.z = __uint_as_float(to_tf32(x.z));
-          x.w = __uint_as_float(to_tf32(x.w));
-          *pc = x;
-        }
-      }
+      if constexpr (!Tr::kIsFloat) split_c_stage<Tr>(sC + (kc & 1) * Tr::kBKC * Tr::kSC);
       __syncthreads();
       const float* cb = sC + (kc & 1) * Tr::kBKC * Tr::kSC;
       const float* nb = sN + (kc & 1) * Tr::kBKC;
       const int kvalid = min(Tr::kBKC, DQKp - kc * Tr::kBKC);
       if (warp_active) {
+        if constexpr (Tr::kIsFloat) {
 #pragma unroll
-        for (int kk = 0; kk < Tr::kBKC; kk += 8) {
-          if (kk < kvalid) {
-            // k is permuted: mma k index tq <-> column 2tq, tq+4 <-> 2tq+1 (same in A and B).
-            const int col = kc * Tr::kBKC + kk + 2 * tq;
-            float qa0, qa1, qb0, qb1;
-            if constexpr (Tr::kIsFloat) {
+          for (int kk = 0; kk < Tr::kBKC; kk += 8) {
+            if (kk < kvalid) {
+              // k is permuted: mma k index tq <-> column 2tq, tq+4 <-> 2tq+1 (same in A and B).
+              const int col = kc * Tr::kBKC + kk + 2 * tq;
               const float2 x0 = *reinterpret_cast<const float2*>(sQ + (wr + g) * lay.sq + col);
               const float2 x1 = *reinterpret_cast<const float2*>(sQ + (wr + g + 8) * lay.sq + col);
-              qa0 = x0.x, qa1 = x0.y, qb0 = x1.x, qb1 = x1.y;
-            } else {
-              const T* r0 = sQ + (wr + g) * lay.sq + col;
-              const T* r1 = sQ + (wr + g + 8) * lay.sq + col;
-              qa0 = to_float(r0[0]), qa1 = to_float(r0[1]), qb0 = to_float(r1[0]), qb1 = to_float(r1[1]);
-            }
-            const float n0 = nb[kk + 2 * tq], n1 = nb[kk + 2 * tq + 1];
-            qn0 = fmaf(qa0, n0, fmaf(qa1, n1, qn0));
-            qn1 = fmaf(qb0, n0, fmaf(qb1, n1, qn1));
-            const float* c0 = cb + (kk + 2 * tq) * Tr::kSC + g;
-            const float* c1 = c0 + Tr::kSC;
-            if constexpr (Tr::kIsFloat) {
-              const Tf32Split a[4] = {split_tf32(g0 * qa0), split_tf32(g1 * qb0),
-                                      split_tf32(g0 * qa1), split_tf32(g1 * qb1)};
+              const float n0 = nb[kk + 2 * tq], n1 = nb[kk + 2 * tq + 1];
+              qn0 = fmaf(x0.x, n0, fmaf(x0.y, n1, qn0));
+              qn1 = fmaf(x1.x, n0, fmaf(x1.y, n1, qn1));
+              const float* c0 = cb + (kk + 2 * tq) * Tr::kSC + g;
+              const float* c1 = c0 + Tr::kSC;
+              const Tf32Split a[4] = {split_tf32(g0 * x0.x), split_tf32(g1 * x1.x),
+                                      split_tf32(g0 * x0.y), split_tf32(g1 * x1.y)};
 #pragma unroll
               for (int nt = 0; nt < NT; ++nt)
                 mma_1688_3xtf32(acc[nt], a, split_tf32(c0[nt * 8]), split_tf32(c1[nt * 8]));
-            } else {
-              const uint32_t a[4] = {to_tf32(g0 * qa0), to_tf32(g1 * qb0), to_tf32(g0 * qa1),
-                                     to_tf32(g1 * qb1)};
+            }
+          }
+        } else {
 #pragma unroll
-              for (int nt = 0; nt < NT; ++nt)  // C was rounded to tf32 when it landed
-                mma_1688_tf32(acc[nt], a, __float_as_uint(c0[nt * 8]), __float_as_uint(c1[nt * 8]));
+          for (int kk = 0; kk < Tr::kBKC; kk += 16) {
+            if (kk < kvalid) {
+              const int col = kc * Tr::kBKC + kk;
+#pragma unroll
+              for (int half = 0; half < 16; half += 8) {  // q . n in float, 2 columns per lane
+                const T* r0 = sQ + (wr + g) * lay.sq + col + half + 2 * tq;
+                const T* r1 = r0 + 8 * lay.sq;
+                const float n0 = nb[kk + half + 2 * tq], n1 = nb[kk + half + 2 * tq + 1];
+                qn0 = fmaf(to_float(r0[0]), n0, fmaf(to_float(r0[1]), n1, qn0));
+                qn1 = fmaf(to_float(r1[0]), n0, fmaf(to_float(r1[1]), n1, qn1));
+              }
+              // A = Q, exactly in bf16: bfloat16 Q as it is, float16 Q as hi + lo (11 bits fit).
+              uint32_t a[4], a_lo[4];
+              ldmatrix_x4(a, sQ + (wr + (lane & 15)) * lay.sq + col + (lane >> 4) * 8);
+              if constexpr (std::is_same_v<T, __half>) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&a[i]));
+                  split_bf16(f.x, f.y, a[i], a_lo[i]);
+                }
+              }
+              const __nv_bfloat16* hi = reinterpret_cast<const __nv_bfloat16*>(cb) +
+                                        (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * (2 * Tr::kSC) +
+                                        (lane >> 4) * 8;
+#pragma unroll
+              for (int np = 0; np < NT / 2; ++np) {
+                uint32_t bh[4], bl[4];
+                ldmatrix_x4_trans(bh, hi + np * 16);
+                ldmatrix_x4_trans(bl, hi + Tr::kBDV + np * 16);
+                mma_16816<__nv_bfloat16>(acc[2 * np], a, bh[0], bh[1]);
+                mma_16816<__nv_bfloat16>(acc[2 * np + 1], a, bh[2], bh[3]);
+                mma_16816<__nv_bfloat16>(acc[2 * np], a, bl[0], bl[1]);
+                mma_16816<__nv_bfloat16>(acc[2 * np + 1], a, bl[2], bl[3]);
+                if constexpr (std::is_same_v<T, __half>) {
+                  mma_16816<__nv_bfloat16>(acc[2 * np], a_lo, bh[0], bh[1]);
+                  mma_16816<__nv_bfloat16>(acc[2 * np + 1], a_lo, bh[2], bh[3]);
+                }
+              }
             }
           }
         }
       }
       __syncthreads();  // the buffer is refilled two iterations on
+    }
+    if constexpr (!Tr::kIsFloat) {
+      // 16-bit inputs: the inter factor g of each row after the product (not rounded into Q).
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) acc[nt][0] *= g0, acc[nt][1] *= g0, acc[nt][2] *= g1, acc[nt][3] *= g1;
     }
   }
 

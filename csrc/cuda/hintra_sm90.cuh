@@ -5,8 +5,9 @@
 //
 //   Q C   : C arrives as float32 and is split in shared memory into C_hi + C_lo, both bf16, so
 //           Q C_hi + Q C_lo keeps 16 bits of C's mantissa (tf32 keeps 10). float16 Q is split the
-//           same way (exactly: 11 bits fit in hi + lo) and Q_lo C_hi is added. The n state rides
-//           along as column BDV of the same product, so q . n costs nothing extra.
+//           same way (exactly: 11 bits fit in hi + lo) and Q_lo C_hi is added. q . n_k is summed
+//           in float32 beside it (the normaliser may cancel, and 16 bits of n measured up to 30x
+//           the sm_80 kernel's H error there: benchmarks/NOTES.md).
 //   Q K^T : 16-bit operands as they come, both read from shared memory.
 //   P V   : P (the weights, rounded to the input dtype as in the sm_80 kernel) from registers.
 //
@@ -49,24 +50,12 @@ __device__ __forceinline__ void load_core_tile(unsigned char* s, const T* g, int
   }
 }
 
-__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// x = hi + lo with hi = bf16(x), lo = bf16(x - hi), for a pair of floats.
-__device__ __forceinline__ void split_bf16(float x, float y, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  const float2 hf = __bfloat1622float2(h);
-  hi = bf16x2_bits(h);
-  lo = bf16x2_bits(__floats2bfloat162_rn(x - hf.x, y - hf.y));
-}
-
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     hintra_sm90_kernel(const HintraParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
-  constexpr int BDV = Tr::kBDV, NW = Tr::kNW, NT = BDV / 8;
+  constexpr int BDV = Tr::kBDV, NT = BDV / 8;
   constexpr int kPiecesPerThread = Tr::kCPieces / Tr::kThreads;
   extern __shared__ __align__(128) unsigned char smem_sm90[];
   unsigned char* smem = smem_sm90;
@@ -102,7 +91,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     load_core_tile<T>(sKt, gK + kb0 * p.k_ss, p.k_ss, DQKp, keys_valid, p.DHQK, p.k_vec);
     load_core_tile<T>(sVt, gV + kb0 * p.v_ss, p.v_ss, BDV, keys_valid, dv_valid, p.v_vec);
   };
-  // ---- Phase 1: acc = Q [C_k | n_k], 16 rows of C per stage through a ring of landing slots.
+  // ---- Phase 1: acc = Q C_k, qn = q . n_k, 16 rows of C per stage through a ring of landing slots.
   // Copies run along rows (whole 128-byte lines per 8 threads); the split into C_hi / C_lo
   // reads the landing slot across threads, so a stage is split one barrier after it landed.
   const float* gC = p.C + b * p.C_sb + h * p.C_sh + (int64_t)chunk * p.DHQK * p.C_sr + dv0;
@@ -133,6 +122,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
                  gN + (int64_t)min(d, p.DHQK - 1) * p.n_sr, d < p.DHQK ? 4 : 0);
     }
   };
+  // This lane's rows of the accumulator: wr + g and wr + g + 8; their q . n_k partials (four of
+  // a stage's 16 d, from d = 4 tq), in float32.
+  float qn0 = 0.f, qn1 = 0.f;
   // Split stage kc into C_hi / C_lo (buffer kc & 1), MN-major core layout. Thread q takes row
   // bits q & 7 so that both the landing reads and the C_hi / C_lo writes are conflict-free.
   auto split_c = [&](int kc) {
@@ -147,18 +139,22 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       uint2 vh, vl;
       split_bf16(x.x, x.y, vh.x, vl.x);
       split_bf16(x.z, x.w, vh.y, vl.y);
-      const int off = core_off(r, c4 >> 1, NW / 8) + (c4 & 1) * 8;
+      const int off = core_off(r, c4 >> 1, BDV / 8) + (c4 & 1) * 8;
       *reinterpret_cast<uint2*>(hi + off) = vh;
       *reinterpret_cast<uint2*>(lo + off) = vl;
     }
-    if (threadIdx.x < Tr::kCRows) {  // n as column BDV, columns BDV+1.. zero
-      const float nv = reinterpret_cast<const float*>(land + Tr::kCRows * lay.land_row)[threadIdx.x];
-      uint32_t nh, nl;
-      split_bf16(nv, 0.f, nh, nl);
-      const int off = core_off(threadIdx.x, NT, NW / 8);
-      *reinterpret_cast<uint4*>(hi + off) = make_uint4(nh, 0, 0, 0);
-      *reinterpret_cast<uint4*>(lo + off) = make_uint4(nl, 0, 0, 0);
-    }
+    const float4 nv = *reinterpret_cast<const float4*>(land + Tr::kCRows * lay.land_row + tq * 16);
+    auto q_dot_n = [&](int r, float qn) {  // 4 elements of Q's row r: 8 bytes of a core row
+      const uint2 u = *reinterpret_cast<const uint2*>(smem + lay.q_off + core_off(r, 2 * kc + (tq >> 1), q_chunks) +
+                                                      (tq & 1) * 8);
+      const T* e = reinterpret_cast<const T*>(&u);
+      qn = fmaf(to_float(e[0]), nv.x, qn);
+      qn = fmaf(to_float(e[1]), nv.y, qn);
+      qn = fmaf(to_float(e[2]), nv.z, qn);
+      return fmaf(to_float(e[3]), nv.w, qn);
+    };
+    qn0 = q_dot_n(wr + g, qn0);
+    qn1 = q_dot_n(wr + g + 8, qn1);
   };
 #pragma unroll
   for (int s = 0; s < Tr::kStages; ++s) {
@@ -168,13 +164,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   const bool wide = stage_gates<Tr::kRows>(p, tile, gs);
 
-  float acc[NW / 2];
+  float acc[BDV / 2];
 #pragma unroll
-  for (int i = 0; i < NW / 2; ++i) acc[i] = 0.f;
+  for (int i = 0; i < BDV / 2; ++i) acc[i] = 0.f;
   uint32_t qa[4], qlo[4];  // A fragments of the stage in flight (kept until its wgmma is done)
 #pragma unroll
   for (int i = 0; i < 4; ++i) qa[i] = qlo[i] = 0u;
-  constexpr uint32_t kHlLbo = (NW / 8) * 128;  // next 8 rows of C (k direction)
+  constexpr uint32_t kHlLbo = (BDV / 8) * 128;  // next 8 rows of C (k direction)
   cp_async_wait<Tr::kStages - 1>();             // Q and stage 0
   __syncthreads();
   for (int kc = 0; kc < n_kc; ++kc) {
@@ -196,9 +192,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     }
     const unsigned char* hi = smem + lay.hl_off + (kc & 1) * 2 * lay.hl_half;
     sm90::wgmma_fence();
-    sm90::Wgmma<NW, false, 1>::run(acc, qa, sm90::make_desc(hi, kHlLbo, 128));
-    sm90::Wgmma<NW, false, 1>::run(acc, qa, sm90::make_desc(hi + lay.hl_half, kHlLbo, 128));
-    if constexpr (Tr::kF16) sm90::Wgmma<NW, false, 1>::run(acc, qlo, sm90::make_desc(hi, kHlLbo, 128));
+    sm90::Wgmma<BDV, false, 1>::run(acc, qa, sm90::make_desc(hi, kHlLbo, 128));
+    sm90::Wgmma<BDV, false, 1>::run(acc, qa, sm90::make_desc(hi + lay.hl_half, kHlLbo, 128));
+    if constexpr (Tr::kF16) sm90::Wgmma<BDV, false, 1>::run(acc, qlo, sm90::make_desc(hi, kHlLbo, 128));
     sm90::wgmma_commit();
     if (kc + Tr::kStages < n_kc) issue_c(kc + Tr::kStages);
     cp_async_commit();
@@ -218,9 +214,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   {
     const float g0 = gs.row_g[wr + g], g1 = gs.row_g[wr + g + 8];
 #pragma unroll
-    for (int j = 0; j < NW / 8; ++j) {
+    for (int j = 0; j < NT; ++j) {
       acc[4 * j] *= g0, acc[4 * j + 1] *= g0, acc[4 * j + 2] *= g1, acc[4 * j + 3] *= g1;
     }
+    qn0 = g0 * quad_sum(qn0), qn1 = g1 * quad_sum(qn1);
   }
 
   float rowsum0 = 0.f, rowsum1 = 0.f;
@@ -229,7 +226,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const int n_ks = DQKp / 16;
   const uint32_t kQSbo = q_chunks * 128;  // next 8 rows of Q / keys of K (same width)
   constexpr uint32_t kVLbo = (BDV / 8) * 128;
-  float(&acc_v)[BDV / 2] = reinterpret_cast<float(&)[BDV / 2]>(acc);
   // The key loop, compiled twice: the exact exponents of wide chunks stay out of the common path.
   auto key_loop = [&](auto wide_tag) {
     constexpr bool kWide = decltype(wide_tag)::value;
@@ -273,7 +269,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       sm90::wgmma_fence();
   #pragma unroll
       for (int kt = 0; kt < 4; ++kt)
-        sm90::Wgmma<BDV, Tr::kF16, 1>::run(acc_v, pa[kt], sm90::make_desc(sVt + kt * 2 * kVLbo, kVLbo, 128));
+        sm90::Wgmma<BDV, Tr::kF16, 1>::run(acc, pa[kt], sm90::make_desc(sVt + kt * 2 * kVLbo, kVLbo, 128));
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
       sm90::fence_regs(acc);
@@ -287,9 +283,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     key_loop(std::false_type{});
   }
 
-  // ---- Steps 6-7. q . n is column BDV of the Q C product (already times g). H goes through
-  // shared memory so that global stores are whole 16-byte pieces of rows; vecN / vecM too.
-  const float qn0 = quad_sum(acc[4 * NT] + acc[4 * NT + 1]), qn1 = quad_sum(acc[4 * NT + 2] + acc[4 * NT + 3]);
+  // ---- Steps 6-7. H goes through shared memory so that global stores are whole 16-byte pieces
+  // of rows; vecN / vecM too.
   rowsum0 = quad_sum(rowsum0), rowsum1 = quad_sum(rowsum1);
   const int ra = wr + g, rb = ra + 8;
   const float m0 = gs.row_m[ra], m1 = gs.row_m[rb];

@@ -108,7 +108,6 @@ struct Sm90Traits {
   static constexpr int kRows = 64;      // query rows per block = wgmma M
   static constexpr int kKeys = 64;      // keys per causal block = N of Q K^T
   static constexpr int kBDV = BDV;      // DHHV columns per block
-  static constexpr int kNW = BDV + 8;   // columns of the Q C product: C, then n, then 7 zeros
   static constexpr int kCRows = 16;     // C rows per stage = one wgmma k step
   static constexpr int kStages = MLSTM_EXT_SM90_STAGES;
   static constexpr int kMinBlocks = MLSTM_EXT_SM90_MINB;
@@ -151,7 +150,7 @@ __host__ __device__ inline Sm90Layout make_sm90_layout(int DHQK, int L) {
   s.kt_off = off;
   s.vt_off = s.kt_off + Tr::kKeys * s.dqk_pad * 2;
   s.hl_off = off + round_up(stream, 128);
-  s.hl_half = Tr::kCRows * Tr::kNW * 2;
+  s.hl_half = Tr::kCRows * Tr::kBDV * 2;
   off = s.hl_off + 4 * s.hl_half;
   s.gate_off = off;
   off += kGateArrays * round_up(L, Tr::kKeys) * 4;

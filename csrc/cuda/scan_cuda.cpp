@@ -14,14 +14,21 @@ at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const
               X.scalar_type());
   cuda::ScanParams p{};
   p.G = G, p.NC = NC, p.E = E;
-  p.blocks_per_pair = (E + cuda::kScanThreads - 1) / cuda::kScanThreads;
+  const at::Tensor l = last.defined() ? last.to(at::kFloat).contiguous() : at::Tensor();
+  // 16-byte accesses where every row of four floats starts 16-byte aligned.
+  auto aligned = [](const at::Tensor& t) {
+    return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  p.vec = (E % 4 == 0 && states_stride_g % 4 == 0 && aligned(X) && aligned(first) && aligned(states) &&
+           aligned(l)) ? 4 : 1;
+  const int64_t threads_per_pair = (E + p.vec - 1) / p.vec;
+  p.blocks_per_pair = (threads_per_pair + cuda::kScanThreads - 1) / cuda::kScanThreads;
   p.warps_per_pair = p.blocks_per_pair * cuda::kScanWarps;
   TORCH_CHECK(G * p.blocks_per_pair < (int64_t(1) << 31), "chunkwise_bw: ", num(G * p.blocks_per_pair),
               " thread blocks for the state scan exceed the CUDA grid limit");
   at::Tensor dots = at::zeros({G, NC, p.warps_per_pair}, X.options());
   TORCH_INTERNAL_ASSERT(X.is_contiguous() && first.is_contiguous() && states.is_contiguous());
   const at::Tensor d = decay.contiguous();
-  const at::Tensor l = last.defined() ? last.to(at::kFloat).contiguous() : at::Tensor();
   p.X = X.data_ptr<float>();
   p.decay = d.data_ptr<float>();
   p.last = l.defined() ? l.data_ptr<float>() : nullptr;

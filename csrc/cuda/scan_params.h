@@ -21,6 +21,7 @@ struct ScanParams {
   float* dots;          // (G, NC, warps_per_pair): per-warp partials of <state k, G_{k+1}>
   int64_t G, NC, E;
   int64_t blocks_per_pair, warps_per_pair;
+  int vec;              // entries per thread: 4 (E and every base a multiple of 4 floats) or 1
 };
 
 void launch_reverse_state_scan(const ScanParams& p, cudaStream_t stream);
