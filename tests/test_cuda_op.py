@@ -73,6 +73,42 @@ def test_both_16bit_kernels(make, shape, dtype):
             "both runs took the same kernel"
 
 
+# Issue 12's float16 case: input gates spread widely (std 8), forget gates near 0 (f ~ N(0, 1)) or
+# near 1 (N(3, 1)), S = 512. Rows whose normaliser cancels pass on every rounding of the weights'
+# exponents and of q . n (benchmarks/NOTES.md), so the 16-bit kernels are held to the CPU kernel
+# (float32 throughout) on the same inputs: within 2.5x, the float16 rounding of the P V weights
+# being ~1.5x on its own (H200: 1.9-2.0x; before the fixes 2.8x at L = 64 and 24x at L = 128).
+@pytest.mark.parametrize("L,f_mean", [(64, 0.0), (128, 0.0), (64, 3.0)], ids=str)
+def test_wide_input_gates_float16_accuracy(L, f_mean):
+    from mlstm_ext.reference import parallel_fw_hintra_reference, recurrent_fw_states
+    worst = {"sm90a": 0.0, "sm80": 0.0, "cpu": 0.0}
+    for seed in range(3):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        B, NH, S, D = 2, 4, 512, 128
+        q, k, v = (torch.randn(B, NH, S, D, generator=g, device="cuda").half() for _ in range(3))
+        i = 8 * torch.randn(B, NH, S, generator=g, device="cuda")
+        f = f_mean + torch.randn(B, NH, S, generator=g, device="cuda")
+        C, n, m = (t.float() for t in recurrent_fw_states(k, v, i, f, L, compute_dtype=F64))
+        ref = parallel_fw_hintra_reference(q, k, v, i, f, C, n, m, chunk_size=L, compute_dtype=F64)[0]
+
+        def err(H):
+            H = H.to(ref.device).double()
+            assert torch.isfinite(H).all()
+            return ((H - ref).norm() / ref.norm()).item()
+        try:
+            for name, on in (("sm90a", True), ("sm80", False)):
+                torch.ops.mlstm._set_sm90_enabled(on)
+                H = op(q, k, v, i, f, C, n, m, chunk_size=L)[0]
+                worst[name] = max(worst[name], err(H))
+        finally:
+            torch.ops.mlstm._set_sm90_enabled(True)
+        cpu = [t.cpu() for t in (q, k, v, i, f, C, n, m)]
+        worst["cpu"] = max(worst["cpu"], err(op(*cpu, chunk_size=L)[0]))
+    assert worst["cpu"] < 2e-3
+    for name in ("sm90a", "sm80"):
+        assert worst[name] <= 2.5 * worst["cpu"], (name, worst)
+
+
 def test_transposed_layout_strides(make, device):
     """q/k/v viewed from a (B, S, NH, D) buffer, as a model's projections give them."""
     inp = make(B=2, NH=4, S=256, L=64, DHQK=64, DHHV=96, dtype=BF16)

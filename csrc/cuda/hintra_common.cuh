@@ -23,6 +23,7 @@
 namespace mlstm::cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr double kLog2eD = 1.4426950408889634;
 constexpr float kMinimumMaxVal = -10.0f;  // SPEC.md step 3
 constexpr float kMaxShift = 64.f;         // largest frame shift delta
 // Chunks whose |bg| or |i| passes this take the exact exponent: the fast one forms D - F as
@@ -91,9 +92,9 @@ __device__ __forceinline__ Tile tile_of_block(const HintraParams& p, int rows, i
 // The gate scratch in shared memory (kGateArrays per key, kRowArrays per query row).
 struct GateScratch {
   float* bg;       // [key] bg (cumulative log forget gate), rounded to float
-  float* bg_lo;    // [key] wide: bg - float(bg) of the float64 sum (a span keeps gates beside huge ones)
-  float* col_a;    // [key] fast: log2e (i - bg); wide: i (in stage_gates: the prefix max)
-  float* col_b;    // [key] in stage_gates only: i
+  float* bg_lo;    // [key] bg - float(bg) of the float64 sum (a span keeps gates beside huge ones)
+  float* col_a;    // [key] fast: log2e (i - bg), rounded to float; wide: i (in stage_gates: the prefix max)
+  float* col_b;    // [key] fast: the remainder of col_a (in stage_gates: i)
   float* row_a;    // [row] fast: log2e ((bg - m) + delta); wide: log2e (delta - m)
   float* row_g;    // [row] qk_scale exp((bg + m_prev - m) + delta)
   float* row_m;    // [row] m
@@ -138,13 +139,20 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   }
   __syncthreads();
   if (warp == 0) {
-    float carry = 0.f, carry_max = -INFINITY;
+    // The prefix sum in float64, kept as float + remainder: the fast exponents subtract it from i
+    // at |bg| ~ 100 (chunk_size 128, f near 0), where a float32 sum's rounding would reach 1e-5
+    // per weight and the normaliser, when it cancels, passes that on to H (benchmarks/NOTES.md);
+    // a span after a -1e6 gate keeps the ordinary gates.
+    double carry = 0.0;
+    float carry_max = -INFINITY;
     for (int base = 0; base < row_end; base += 32) {
       const int s = base + lane;
       const float lf = s < row_end ? gs.bg[s] : 0.f;
       const float iv = s < row_end ? gs.col_b[s] : 0.f;
-      const float bg = warp_inclusive_sum(lf) + carry;
-      carry = __shfl_sync(0xffffffffu, bg, 31);
+      const double exact = warp_inclusive_sum(static_cast<double>(lf)) + carry;
+      carry = __shfl_sync(0xffffffffu, exact, 31);
+      const SplitSum split = split_sum(exact);
+      const float bg = split.hi;
       float pm = s < row_end ? iv - bg : -INFINITY;
 #pragma unroll
       for (int off = 1; off < 32; off *= 2) {
@@ -155,32 +163,14 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
       carry_max = __shfl_sync(0xffffffffu, pm, 31);
       if (s < row_end) {
         gs.bg[s] = bg;
+        gs.bg_lo[s] = split.lo;
         gs.col_a[s] = pm;  // the prefix max, until the rows below have read it
         big = fmaxf(big, fabsf(bg));
       }
     }
   }
+  // Wide chunks form every exponent from its span (rare, off the common path).
   const bool wide = __syncthreads_or(big > kWideGate);
-  if (wide) {  // block-uniform
-    // Wide chunks form every exponent from its span: the prefix sum again in float64, kept as
-    // float + remainder, so a span after a -1e6 gate keeps the ordinary gates (the float32 sum
-    // above absorbs them). Rare, and off the common path.
-    if (warp == 0) {
-      double carry = 0.0;
-      for (int base = 0; base < row_end; base += 32) {
-        const int s = base + lane;
-        const double lf = s < row_end ? log_forget(gf[s * p.f_ss]) : 0.f;
-        const double exact = warp_inclusive_sum(lf) + carry;
-        carry = __shfl_sync(0xffffffffu, exact, 31);
-        const SplitSum bg = split_sum(exact);
-        if (s < row_end) {
-          gs.bg[s] = bg.hi;
-          gs.bg_lo[s] = bg.lo;
-        }
-      }
-    }
-    __syncthreads();
-  }
   for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
     const int t = tile.row0 + r;
     float ra = 0.f, gg = 0.f, mm = 0.f, dd = 0.f;
@@ -196,8 +186,22 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
       }
       mm = nan_max(bg + m_prev, m_intra);
       dd = fminf(kMaxShift, mm - m_intra);
-      ra = (wide ? dd - mm : (bg - mm) + dd) * kLog2e;
-      gg = p.qk_scale * expf((bg + m_prev - mm) + dd);
+      if (wide) {
+        ra = (dd - mm) * kLog2e;
+        gg = p.qk_scale * expf((bg + m_prev - mm) + dd);
+      } else {
+        // The intra exponents are ra + log2e (i - bg), each column term as float + remainder, so
+        // ra's rounding scales num and nsum alike. Where the inter term can be of their size
+        // (|m_prev| within a few gate bounds), its exponent ra + log2e m_prev shares ra too;
+        // beyond, it dominates or vanishes and is formed directly (exact where it dominates).
+        ra = ((bg - mm) + dd) * kLog2e;
+        if (fabsf(m_prev) <= 4.f * kWideGate) {
+          const SplitSum mp = split_sum(static_cast<double>(m_prev) * kLog2eD);
+          gg = p.qk_scale * exp2f((ra + mp.hi) + mp.lo);
+        } else {
+          gg = p.qk_scale * expf((bg + m_prev - mm) + dd);
+        }
+      }
     }
     gs.row_a[r] = ra;
     gs.row_g[r] = gg;
@@ -206,8 +210,14 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   }
   __syncthreads();  // the rows have read the prefix max
   for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
-    const float bg = gs.bg[s], iv = gs.col_b[s];
-    gs.col_a[s] = wide ? iv : (iv - bg) * kLog2e;
+    const float iv = gs.col_b[s];
+    if (wide) {
+      gs.col_a[s] = iv;
+    } else {
+      const SplitSum c = split_sum((static_cast<double>(iv) - (static_cast<double>(gs.bg[s]) + gs.bg_lo[s])) * kLog2eD);
+      gs.col_a[s] = c.hi;
+      gs.col_b[s] = c.lo;
+    }
   }
   __syncthreads();
   return wide;
@@ -242,8 +252,9 @@ __device__ __forceinline__ void weigh_scores(float* x, int kb0, int row_end, con
       e[0] = (span(gs, r0.t, s) + c0) * kLog2e + r0.a, e[1] = (span(gs, r0.t, s + 1) + c1) * kLog2e + r0.a;
       e[2] = (span(gs, r1.t, s) + c0) * kLog2e + r1.a, e[3] = (span(gs, r1.t, s + 1) + c1) * kLog2e + r1.a;
     } else {
-      const float c0 = gs.col_a[s], c1 = gs.col_a[s + 1];
-      e[0] = r0.a + c0, e[1] = r0.a + c1, e[2] = r1.a + c0, e[3] = r1.a + c1;
+      // (row + column) first: both large where bg is, their sum exact or small.
+      const float c0 = gs.col_a[s], c1 = gs.col_a[s + 1], l0 = gs.col_b[s], l1 = gs.col_b[s + 1];
+      e[0] = (r0.a + c0) + l0, e[1] = (r0.a + c1) + l1, e[2] = (r1.a + c0) + l0, e[3] = (r1.a + c1) + l1;
     }
     float* y = x + 4 * nt;
     y[0] = (s <= r0.t && ok0) ? qk_scale * y[0] * fast_exp2(e[0]) : 0.f;
@@ -289,7 +300,7 @@ __device__ __forceinline__ void recompute_tile_exactly(const HintraParams& p, co
     for (int s = 0; s <= t; ++s) {
       float qk = 0.f;
       for (int d = 0; d < p.DHQK; ++d) qk = fmaf(to_float(qt[d]), to_float(k[s * p.k_ss + d]), qk);
-      const float e = wide ? (span(gs, t, s) + gs.col_a[s]) * kLog2e + ra : ra + gs.col_a[s];
+      const float e = wide ? (span(gs, t, s) + gs.col_a[s]) * kLog2e + ra : (ra + gs.col_a[s]) + gs.col_b[s];
       num = fmaf(p.qk_scale * qk * exp2f(e), to_float(v[s * p.v_ss + col]), num);
     }
     H[t * p.DHHV + col] = from_float<T>(num * gs.row_inv[r]);
