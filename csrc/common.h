@@ -18,6 +18,9 @@ template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
 inline std::string num(Int v) { return std::to_string(static_cast<long long>(v)); }
 inline std::string num(double v) { return std::to_string(v); }
 std::string shape_str(const at::Tensor& t);  // "[2, 3, 64]"
+// The CUDA kernels take float32, bfloat16 and float16: a float64 `arg` of `op` gets an error
+// saying where float64 runs (validate.cpp).
+void check_not_float64_on_cuda(const char* op, const char* arg, const at::Tensor& t);
 
 // SPEC.md step 1: finite log forget gates below this count as it. e^-1e6 is 0 in any precision,
 // and prefix sums of such gates stay exact beside ordinary ones (mlstm_ext.reference.MIN_LOG_FORGET).

@@ -35,8 +35,7 @@ struct CudaBackend {
   static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cuda(a, H, N, M); }
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cuda(a, C, n, m); }
   static void backward(const BackwardArgs& a, BackwardOutputs& out) {
-    TORCH_CHECK(a.fw.matQ.scalar_type() != at::kDouble,
-                "chunkwise_bw: float64 inputs run on the CPU only; got float64 matQ on ", a.fw.matQ.device());
+    check_not_float64_on_cuda("chunkwise_bw", "matQ", a.fw.matQ);
     chunkwise_bw_compute(a, &states_cuda, out);
   }
 };

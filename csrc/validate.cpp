@@ -22,6 +22,11 @@ std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
+void check_not_float64_on_cuda(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": float64 inputs run on the CPU only; got float64 ",
+              arg, " on ", t.device(), " (pass CPU tensors, or float32, bfloat16 or float16 on CUDA)");
+}
+
 namespace {
 
 bool is_float_dtype(at::ScalarType t) {

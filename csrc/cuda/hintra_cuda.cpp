@@ -19,14 +19,14 @@ cuda::InputType input_type(at::ScalarType t) {
     case at::kHalf: return cuda::InputType::kFloat16;
     case at::kFloat: return cuda::InputType::kFloat32;
     default:
-      TORCH_CHECK(false, "parallel_fw_hintra: float64 inputs run on the CPU only; got ", t,
-                  " matQ on CUDA");
+      TORCH_CHECK(false, "parallel_fw_hintra: matQ of dtype ", t, " has no CUDA kernel");
   }
 }
 
 }  // namespace
 
 void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Tensor& vecM) {
+  check_not_float64_on_cuda("parallel_fw_hintra", "matQ", a.matQ);
   const cuda::InputType type = input_type(a.matQ.scalar_type());
   TORCH_CHECK(a.DHQK < (1 << 20) && a.DHHV < (1 << 20) && a.L < (1 << 30),
               "parallel_fw_hintra: head dims must be < 2^20 and chunk_size < 2^30 on CUDA");

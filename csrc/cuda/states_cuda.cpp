@@ -12,9 +12,7 @@
 namespace mlstm {
 
 void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all, at::Tensor& scaM_all) {
-  TORCH_CHECK(a.matK.scalar_type() != at::kDouble,
-              "recurrent_fw_states: float64 inputs run on the CPU only; got float64 matK on ",
-              a.matK.device(), " (pass CPU tensors, or float32, bfloat16 or float16 on CUDA)");
+  check_not_float64_on_cuda("recurrent_fw_states", "matK", a.matK);
   TORCH_CHECK(a.DHQK < INT_MAX && a.DHHV < INT_MAX && a.L < INT_MAX && a.NC < INT_MAX,
               "recurrent_fw_states: DHQK, DHHV, chunk_size and S / chunk_size must each be below "
               "2^31 on CUDA; got DHQK = ", num(a.DHQK), ", DHHV = ", num(a.DHHV), ", chunk_size = ",
