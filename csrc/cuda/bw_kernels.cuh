@@ -74,15 +74,23 @@ __device__ void stage_gates(const BwParams& p, int64_t pair, int chunk, const Ga
   __syncthreads();
 }
 
-// rows x kBwTile elements of a row-major global matrix (16-byte aligned rows) into a tile of row
-// stride kLd; the caller commits and waits.
-template <typename T>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t g_stride, int rows) {
-  constexpr int kPieces = kBwTile * static_cast<int>(sizeof(T)) / 16;
+// L x kBwTile elements of a row-major global matrix (16-byte aligned rows) into a tile of row
+// stride kLd, by the kernel's 2L threads; the caller commits and waits. Unrolled, each thread
+// walking down the rows with one pointer: the copies of the H step measured costly as a rolled
+// loop with per-piece index arithmetic (benchmarks/NOTES.md).
+template <typename T, int L>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t g_stride) {
   constexpr int kE = 16 / sizeof(T);
-  for (int idx = threadIdx.x; idx < rows * kPieces; idx += blockDim.x) {
-    const int r = idx / kPieces, c = (idx % kPieces) * kE;
-    cp_async_16(s + r * kLd + c, g + r * g_stride + c, 16);
+  constexpr int kPieces = kBwTile / kE;        // 16-byte pieces per row
+  constexpr int kRowStep = 2 * L / kPieces;    // rows per pass of the block
+  static_assert((2 * L) % kPieces == 0 && L % kRowStep == 0, "whole passes");
+  const int r = threadIdx.x / kPieces, c = (threadIdx.x % kPieces) * kE;
+  T* dst = s + r * kLd + c;
+  const T* src = g + r * g_stride + c;
+#pragma unroll
+  for (int it = 0; it < L / kRowStep; ++it) {
+    cp_async_16(dst + it * kRowStep * kLd, src, 16);
+    src += kRowStep * g_stride;
   }
 }
 
@@ -153,8 +161,8 @@ __device__ __forceinline__ void chunk_gram(float (&acc)[L / 8][4], const T* x, c
   const int warp = threadIdx.x / 32;
   zero(acc);
   for (int d0 = 0; d0 < D; d0 += kBwTile) {
-    load_tile(sX, x + d0, D, L);
-    load_tile(sY, y + d0, D, L);
+    load_tile<T, L>(sX, x + d0, D);
+    load_tile<T, L>(sY, y + d0, D);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -175,7 +183,7 @@ __device__ __forceinline__ void rows_by_state(float (&acc)[kBwTile / 8][4], cons
   const int warp = threadIdx.x / 32;
   F32Block<T, 2 * L> next;
   zero(acc);
-  load_tile(sX, x, x_ld, L);
+  load_tile<T, L>(sX, x, x_ld);
   cp_async_commit();
   next.fetch(m, m_ld);
   for (int i = 0; i < n; ++i) {
@@ -183,7 +191,7 @@ __device__ __forceinline__ void rows_by_state(float (&acc)[kBwTile / 8][4], cons
     T* m_buf = sM + (i & 1) * kBwTile * kLd;
     next.store(m_buf);
     if (i + 1 < n) {
-      load_tile(sX + ((i + 1) & 1) * L * kLd, x + (i + 1) * x_step, x_ld, L);
+      load_tile<T, L>(sX + ((i + 1) & 1) * L * kLd, x + (i + 1) * x_step, x_ld);
       cp_async_commit();
       next.fetch(m + (i + 1) * m_step, m_ld);
       cp_async_wait<1>();
@@ -225,8 +233,8 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
     float acc[NT][4];
     zero(acc);
     for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
-      load_tile(sQ, Q + d0, p.DQ, L);
-      load_tile(sK, K + d0, p.DQ, L);
+      load_tile<T, L>(sQ, Q + d0, p.DQ);
+      load_tile<T, L>(sK, K + d0, p.DQ);
       for (int c = threadIdx.x; c < kBwTile; c += blockDim.x) nk[c] = n_k[d0 + c];
       cp_async_commit();
       cp_async_wait<0>();
@@ -298,6 +306,30 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
     }
     xn[d] = x0;
     xn[d + 1] = x1;
+  }
+}
+
+// dQ's and dK's epilogue for this lane's rows t0 and t1 of the DHQK tile from column d0 (rows
+// from row0 of out, row stride DQ): out = o + x, x = x_of(row, column, the inter-chunk product),
+// and dot0 / dot1 += x . the row of `rows` (a shared tile of Q or K: the gate gradients'
+// q . dQ_inter and k . dK_inter).
+template <typename T, int NO, class XOf>
+__device__ __forceinline__ void store_with_inter(const float (&o)[NO][4], const float (&inter)[NO][4],
+                                                 const T* rows, T* out, int64_t row0, int DQ, int d0,
+                                                 int t0, int t1, float& dot0, float& dot1, XOf x_of) {
+  const int tq = threadIdx.x % 4;
+#pragma unroll
+  for (int nt = 0; nt < NO; ++nt) {
+    const int d = nt * 8 + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int t = j == 0 ? t0 : t1;
+      const float x0 = x_of(t, d, inter[nt][2 * j]);
+      const float x1 = x_of(t, d + 1, inter[nt][2 * j + 1]);
+      const float2 a = load2(rows + t * kLd + d);
+      (j == 0 ? dot0 : dot1) += a.x * x0 + a.y * x1;
+      *reinterpret_cast<uint32_t*>(out + (row0 + t) * DQ + d0 + d) = pack2<T>(o[nt][2 * j] + x0, o[nt][2 * j + 1] + x1);
+    }
   }
 }
 
@@ -399,8 +431,8 @@ __global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
   const float* G_k = p.g_states + blk * p.DQ * p.DV;  // the gradient of state k+1
   constexpr int NO = kBwTile / 8;
   for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
-    load_tile(sA, Q + d0, p.DQ, L);
-    load_tile(sB, K + d0, p.DQ, L);
+    load_tile<T, L>(sA, Q + d0, p.DQ);
+    load_tile<T, L>(sB, K + d0, p.DQ);
     for (int c = threadIdx.x; c < kBwTile; c += blockDim.x) vec_a[c] = n_k[d0 + c], vec_b[c] = gn[d0 + c];
     cp_async_commit();
     float inter[NO][4], o[NO][4];
@@ -408,43 +440,19 @@ __global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
     rows_by_state<T, L, false>(inter, dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
     zero(o);
     warp_gemm<T, false, true, NO>(o, sDsp + warp * 16 * LdL, LdL, sB, kLd, 0, warp + 1);
-#pragma unroll
-    for (int nt = 0; nt < NO; ++nt) {
-      const int d = nt * 8 + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int t = j == 0 ? t0 : t1;
-        const float x0 = s.gq[t] * fmaf(s.r[t], inter[nt][2 * j], s.dns[t] * vec_a[d]);
-        const float x1 = s.gq[t] * fmaf(s.r[t], inter[nt][2 * j + 1], s.dns[t] * vec_a[d + 1]);
-        const float2 q = load2(sA + t * kLd + d);
-        (j == 0 ? qd0 : qd1) += q.x * x0 + q.y * x1;
-        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dq) + (row0 + t) * p.DQ + d0 + d) =
-            pack2<T>(o[nt][2 * j] + x0, o[nt][2 * j + 1] + x1);
-      }
-    }
+    store_with_inter<T, NO>(o, inter, sA, static_cast<T*>(p.dq), row0, p.DQ, d0, t0, t1, qd0, qd1,
+                            [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * vec_a[d]); });
     rows_by_state<T, L, false>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sDsp + warp * 16, LdL, sA, kLd, warp, NW);
-#pragma unroll
-    for (int nt = 0; nt < NO; ++nt) {
-      const int d = nt * 8 + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int u = j == 0 ? t0 : t1;  // a key row
-        const float x0 = s.ga[u] * (inter[nt][2 * j] + vec_b[d]);
-        const float x1 = s.ga[u] * (inter[nt][2 * j + 1] + vec_b[d + 1]);
-        const float2 k = load2(sB + u * kLd + d);
-        (j == 0 ? kd0 : kd1) += k.x * x0 + k.y * x1;
-        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + (row0 + u) * p.DQ + d0 + d) =
-            pack2<T>(o[nt][2 * j] + x0, o[nt][2 * j + 1] + x1);
-      }
-    }
+    store_with_inter<T, NO>(o, inter, sB, static_cast<T*>(p.dk), row0, p.DQ, d0, t0, t1, kd0, kd1,
+                            [&](int u, int d, float x) { return s.ga[u] * (x + vec_b[d]); });  // u: a key row
     __syncthreads();
   }
 
   // ---- dV, a DHHV tile at a time: dV[s] = sum_t W[t, s] r[t] dH_t + ga[s] (K G_{k+1})[s].
   for (int e0 = 0; e0 < p.DV; e0 += kBwTile) {
-    load_tile(sA, dH + e0, p.DV, L);
+    load_tile<T, L>(sA, dH + e0, p.DV);
     cp_async_commit();
     float inter[NO][4], o[NO][4];
     // K G_{k+1} over the DHQK blocks (also waits for the dH tile).

@@ -1,5 +1,5 @@
 // Stages shared by both H-step main loops (hintra_sm80.cuh, hintra_sm90.cuh), written once:
-//   tile staging and tile index, the gate/stabiliser prologue (SPEC.md steps 1-4), the masked
+//   the tile index, the gate/stabiliser prologue (SPEC.md steps 1-4), the masked
 //   exponentials and row sums (step 5), the quad reduction, the row normaliser (steps 6-7) and
 //   the exact recomputation of tiles whose outputs came out non-finite.
 //
@@ -19,6 +19,7 @@
 #include "cuda/hintra_tiles.h"
 #include "cuda/gates.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/tile_copy.cuh"
 
 namespace mlstm::cuda {
 
@@ -35,29 +36,6 @@ __device__ __forceinline__ float nan_max(float a, float b) {
   float r;
   asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
   return r;
-}
-
-// Stage a rows x cols tile (cols a multiple of 16 bytes) into shared memory, zero outside
-// rows_valid x cols_valid. Aligned full 16-byte pieces go through cp.async; the rest element-wise.
-template <typename T>
-__device__ __forceinline__ void load_tile(T* s, int s_stride, const T* g, int64_t g_stride,
-                                          int rows, int cols, int rows_valid, int cols_valid,
-                                          bool vec) {
-  constexpr int E = 16 / sizeof(T);
-  const int pieces = cols / E;
-  for (int idx = threadIdx.x; idx < rows * pieces; idx += blockDim.x) {
-    const int r = idx / pieces, c = (idx % pieces) * E;
-    T* dst = s + r * s_stride + c;
-    const T* src = g + r * g_stride + c;
-    if (r >= rows_valid || c >= cols_valid) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    } else if (vec && c + E <= cols_valid) {
-      cp_async_16(dst, src, 16);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) dst[e] = (c + e < cols_valid) ? src[e] : from_float<T>(0.f);
-    }
-  }
 }
 
 // The tile of one block: blockIdx.x = ((bh * NC + chunk) * n_qt + qt) * n_dvt + dvt, so the

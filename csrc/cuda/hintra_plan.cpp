@@ -56,7 +56,9 @@ HintraPlan plan_hintra(const HintraShape& s, InputType type, int dv_tile_hint, c
   } else {
     plan.kernel = HintraKernel::kSm80;
     plan.rows_per_block = std::min(64, (s.L + 15) / 16 * 16);  // one warp per 16 query rows
-    plan.threads = 2 * plan.rows_per_block;
+    // Four warps even where fewer have rows (chunk_size < 64): the tile copies are unrolled for
+    // the full block.
+    plan.threads = 128;
     plan.smem_bytes = sm80_smem(type, plan.bdv, s.DHQK, s.L);
     TORCH_CHECK(plan.smem_bytes <= dev.smem_per_block_optin, "parallel_fw_hintra: DHQK = ",
                 num(s.DHQK), " with chunk_size = ", num(s.L), " needs ", num(plan.smem_bytes),

@@ -58,24 +58,27 @@ __device__ __forceinline__ void store_outputs(const HintraParams& p, const float
 // 16-bit inputs: stage of C (kBKC rows of float32, row stride kSC) rewritten in place as bf16
 // C_hi | C_lo in each row (hi in its first BDV * 2 bytes, lo in the next; both 16-byte aligned, rows
 // an odd number of 16-byte units apart for conflict-free ldmatrix), so that Q C_hi + Q C_lo keeps
-// 16 bits of C (tf32 would keep 10: benchmarks/NOTES.md, issue 12's float16 case). load_tile gave
-// each row's pieces to lanes of one warp, in this order: each lane reads its own pieces (landed,
-// cp_async_wait) and the warp's lanes have all read before any writes.
+// 16 bits of C (tf32 would keep 10: benchmarks/NOTES.md, issue 12's float16 case). stage_tile
+// (tile_copy.cuh) gave each row's pieces to lanes of one warp, in the order walked here: each lane
+// reads its own pieces (landed, cp_async_wait) and the warp's lanes have all read before any writes.
 template <class Tr>
 __device__ __forceinline__ void split_c_stage(float* stage) {
-  constexpr int kPieces = Tr::kBDV / 4;
-  static_assert(32 % kPieces == 0 && (Tr::kBKC * kPieces) % 32 == 0, "a row within one warp");
+  constexpr int kPieces = Tr::kBDV / 4;  // float4 pieces per row
+  constexpr int kRowStep = Tr::kThreads / kPieces;
+  static_assert(32 % kPieces == 0 && Tr::kBKC % kRowStep == 0, "a row within one warp");
   static_assert((Tr::kSC * 4) % 32 == 16, "odd multiple of 16 bytes between rows");
-  for (int idx = threadIdx.x; idx < Tr::kBKC * kPieces; idx += blockDim.x) {
-    const int r = idx / kPieces, c = (idx % kPieces) * 4;
-    const float4 x = *reinterpret_cast<const float4*>(stage + r * Tr::kSC + c);
+  const int c = (threadIdx.x % kPieces) * 4;
+  float* row = stage + (threadIdx.x / kPieces) * Tr::kSC;
+#pragma unroll
+  for (int it = 0; it < Tr::kBKC / kRowStep; ++it, row += kRowStep * Tr::kSC) {
+    const float4 x = *reinterpret_cast<const float4*>(row + c);
     uint2 hi, lo;
     split_bf16(x.x, x.y, hi.x, lo.x);
     split_bf16(x.z, x.w, hi.y, lo.y);
     __syncwarp();
-    __nv_bfloat16* row = reinterpret_cast<__nv_bfloat16*>(stage + r * Tr::kSC);
-    *reinterpret_cast<uint2*>(row + c) = hi;
-    *reinterpret_cast<uint2*>(row + Tr::kBDV + c) = lo;
+    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(row);
+    *reinterpret_cast<uint2*>(out + c) = hi;
+    *reinterpret_cast<uint2*>(out + Tr::kBDV + c) = lo;
   }
 }
 
@@ -129,8 +132,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kern
     auto load_c = [&](int kc) {
       const int d0 = kc * Tr::kBKC;
       float* dst = sC + (kc & 1) * Tr::kBKC * Tr::kSC;
-      load_tile<float>(dst, Tr::kSC, gC + d0 * p.C_sr, p.C_sr, Tr::kBKC, Tr::kBDV,
-                       p.DHQK - d0, dv_valid, p.c_vec);
+      // 16-bit inputs: unrolled for the block, in the order split_c_stage walks (rolled, this copy
+      // and the split took about a third of the kernel's instructions at DHQK = 256: ncu, NOTES).
+      // float32 keeps the rolled loop: with its copies unrolled its kernel measured 1.4x slower.
+      if constexpr (Tr::kIsFloat) {
+        load_tile<float>(dst, Tr::kSC, gC + d0 * p.C_sr, p.C_sr, Tr::kBKC, Tr::kBDV, p.DHQK - d0,
+                         dv_valid, p.c_vec);
+      } else {
+        stage_tile<float, Tr::kBKC, Tr::kBDV, Tr::kThreads>(dst, Tr::kSC, gC + d0 * p.C_sr, p.C_sr,
+                                                           p.DHQK - d0, dv_valid, p.c_vec);
+      }
       for (int d = threadIdx.x; d < Tr::kBKC; d += blockDim.x)
         cp_async_4(sN + (kc & 1) * Tr::kBKC + d, gN + (int64_t)min(d0 + d, p.DHQK - 1) * p.n_sr,
                    d0 + d < p.DHQK ? 4 : 0);

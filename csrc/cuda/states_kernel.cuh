@@ -20,6 +20,7 @@
 #include "cuda/gates.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/states_params.h"
+#include "cuda/tile_copy.cuh"
 
 namespace mlstm::cuda {
 
@@ -47,36 +48,6 @@ __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_
   hi = pack2<T>(x0, x1);
   const float2 h = unpack2<T>(hi);
   lo = pack2<T>(x0 - h.x, x1 - h.y);
-}
-
-// Stage a kRows x kCols tile of a row-major global matrix (unit column stride) into shared
-// memory; everything outside rows_valid x cols_valid becomes 0 (padded key rows must be 0, not
-// what an earlier step left there: 0 * NaN would poison the product). Aligned 16-byte pieces go
-// through cp.async (the caller commits), partial ones element by element.
-template <typename T, int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void stage_tile(T* s, int s_stride, const T* g, int64_t g_stride,
-                                           int rows_valid, int cols_valid, bool vec) {
-  constexpr int E = 16 / sizeof(T);
-  constexpr int P = kCols / E;              // pieces per row
-  constexpr int kRowStep = kThreads / P;    // rows per pass of the block
-  static_assert(kCols % E == 0 && kThreads % P == 0 && kRows % kRowStep == 0, "whole passes");
-  // Each thread keeps one column piece and walks down the rows (one pointer, not one per pass).
-  const int c = (threadIdx.x % P) * E;
-  int r = threadIdx.x / P;
-  T* dst = s + r * s_stride + c;
-  const T* src = g + r * g_stride + c;
-  const int64_t src_step = kRowStep * g_stride;
-#pragma unroll
-  for (int it = 0; it < kRows / kRowStep; ++it, r += kRowStep, dst += kRowStep * s_stride, src += src_step) {
-    if (r >= rows_valid || c >= cols_valid) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    } else if (vec && c + E <= cols_valid) {
-      cp_async_16(dst, src, 16);
-    } else {  // tails and unaligned rows only: kept rolled, so no per-element state lives on
-#pragma unroll 1
-      for (int e = 0; e < E; ++e) dst[e] = (c + e < cols_valid) ? src[e] : from_float<T>(0.f);
-    }
-  }
 }
 
 template <class Tr>
