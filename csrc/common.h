@@ -25,5 +25,7 @@ void check_not_float64_on_cuda(const char* op, const char* arg, const at::Tensor
 // SPEC.md step 1: finite log forget gates below this count as it. e^-1e6 is 0 in any precision,
 // and prefix sums of such gates stay exact beside ordinary ones (mlstm_ext.reference.MIN_LOG_FORGET).
 constexpr double kMinLogForget = -1e6;
+// SPEC.md step 3: the floor of the intra-chunk stabiliser (the reference's MINIMUM_MAX_VAL).
+constexpr double kMinimumMaxVal = -10.0;
 
 }  // namespace mlstm

@@ -14,6 +14,7 @@
 #include "forward.h"
 #include "hintra.h"
 #include "states.h"
+#include "step.h"
 
 namespace mlstm {
 namespace {
@@ -222,6 +223,13 @@ constexpr const char* kBackwardSchema =
     "Tensor matDeltaK, Tensor matDeltaV, Tensor vecDeltaI, Tensor vecDeltaF, Tensor matDeltaC_initial, "
     "Tensor vecDeltaN_initial)";
 
+// One position of the recurrence, for generation (SPEC.md, "The inference step"): one kernel for
+// every device (ATen ops), so no "_check_" twin or fake kernel; autograd goes through its ops.
+constexpr const char* kStepSchema =
+    "recurrent_step(Tensor vecQ, Tensor vecK, Tensor vecV, Tensor scaI, Tensor scaF, "
+    "Tensor? matC=None, Tensor? vecN=None, Tensor? scaM=None, float? qk_scale=None, "
+    "float eps=1e-6) -> (Tensor vecH, Tensor matC_next, Tensor vecN_next, Tensor scaM_next)";
+
 template <class Backend>
 void register_kernels(torch::Library& m, const std::string& prefix = "") {
   m.impl((prefix + "parallel_fw_hintra").c_str(), &parallel_fw_hintra<Backend>);
@@ -241,6 +249,7 @@ TORCH_LIBRARY(mlstm, m) {
     m.def((prefix + "chunkwise_fw" + kForwardSchema).c_str());
     m.def((prefix + "chunkwise_bw" + kBackwardSchema).c_str());
   }
+  m.def(kStepSchema);
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("_built_with_sm90a() -> bool", &built_with_sm90a);
   m.def("_set_sm90_enabled(bool on) -> bool", &set_sm90_enabled);
@@ -249,6 +258,8 @@ TORCH_LIBRARY(mlstm, m) {
 TORCH_LIBRARY_IMPL(mlstm, CPU, m) { register_kernels<CpuBackend>(m); }
 TORCH_LIBRARY_IMPL(mlstm, CUDA, m) { register_kernels<CudaBackend>(m); }
 TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m, "_check_"); }
+
+TORCH_LIBRARY_IMPL(mlstm, CompositeImplicitAutograd, m) { m.impl("recurrent_step", &recurrent_step); }
 
 TORCH_LIBRARY_IMPL(mlstm, Autograd, m) {
   // chunkwise_fw is differentiable: its autograd formula is registered from Python

@@ -13,6 +13,7 @@
 #include "forward.h"
 #include "hintra.h"
 #include "states.h"
+#include "step.h"
 
 namespace mlstm {
 
@@ -390,6 +391,106 @@ BackwardArgs check_backward_args(
                                     matQ, compute);
   a.vecDeltaN_last = check_optional(c, vecDeltaN_last, "vecDeltaN_last", "(B, NH, DHQK)",
                                     {{s.B, "B"}, {s.NH, "NH"}, {s.DHQK, "DHQK"}}, matQ, compute);
+  return a;
+}
+
+// recurrent_step's checks work on symbolic sizes too (torch.export with a dynamic batch traces
+// the composite op itself): sizes are compared as SymInts and asserted, never specialised.
+namespace {
+
+// Only for messages (a failed check raises anyway): a symbolic size prints its example value.
+std::string sym_str(const c10::SymInt& v) {
+  if (const std::optional<int64_t> x = v.maybe_as_int()) return num(*x);
+  return v.has_hint() ? num(v.guard_int(__FILE__, __LINE__)) : std::string("a symbolic size");
+}
+
+std::string sym_shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + sym_str(t.sym_size(d));
+  return s + "]";
+}
+
+// t.size(d) == expected for d = 0, 1, ... in turn, each with its name.
+void sym_dims(const Checker& c, const at::Tensor& t, const char* name,
+              std::initializer_list<std::pair<c10::SymInt, const char*>> want) {
+  int64_t d = 0;
+  for (const auto& [expected, what] : want) {
+    TORCH_SYM_CHECK(t.sym_size(d).sym_eq(expected), c.op, ": ", name, ".size(", num(d), ") must be ",
+                    what, " = ", sym_str(expected), ", got ", sym_str(t.sym_size(d)), " (", name,
+                    " has shape ", sym_shape_str(t), ")");
+    ++d;
+  }
+}
+
+// A state or gate of one step: rank, device, floating, sizes; returned in `dtype`.
+at::Tensor step_tensor(const Checker& c, const at::Tensor& t, const char* name, const char* layout,
+                       std::initializer_list<std::pair<c10::SymInt, const char*>> want,
+                       const at::Tensor& vecQ, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(want.size()), c.op, ": ", name, " must have ",
+              num(want.size()), " dims ", layout, ", got ", num(t.dim()), " dims with shape ",
+              sym_shape_str(t));
+  c.device(t, name, vecQ, "vecQ");
+  c.floating(t, name);
+  sym_dims(c, t, name, want);
+  return t.to(dtype);
+}
+
+// A per-head value: (B, NH) or (B, NH, 1), returned as (B, NH) in `dtype`.
+at::Tensor step_per_head(const Checker& c, const at::Tensor& t, const char* name, const c10::SymInt& B,
+                         const c10::SymInt& NH, const at::Tensor& vecQ, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, c.op, ": ", name, " must have shape (B, NH) or (B, NH, 1), got ",
+              num(t.dim()), " dims with shape ", sym_shape_str(t));
+  if (t.dim() == 2) return step_tensor(c, t, name, "(B, NH)", {{B, "B"}, {NH, "NH"}}, vecQ, dtype);
+  TORCH_SYM_CHECK(t.sym_size(2).sym_eq(1), c.op, ": ", name, " must have shape (B, NH) or (B, NH, 1), got ",
+                  sym_shape_str(t));
+  return step_tensor(c, t, name, "(B, NH, 1)", {{B, "B"}, {NH, "NH"}, {1, "1"}}, vecQ, dtype).squeeze(2);
+}
+
+}  // namespace
+
+StepArgs check_step_args(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
+                         const at::Tensor& scaI, const at::Tensor& scaF,
+                         const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
+                         const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
+  const Checker c{"recurrent_step"};
+  c.input_dtype(vecQ, "vecQ");
+  TORCH_CHECK(vecQ.dim() == 3, c.op, ": vecQ must have 3 dims (B, NH, DHQK), got ", num(vecQ.dim()),
+              " dims with shape ", sym_shape_str(vecQ));
+  const c10::SymInt B = vecQ.sym_size(0), NH = vecQ.sym_size(1), DHQK = vecQ.sym_size(2);
+  StepArgs a;
+  a.compute = compute_dtype_of(vecQ);
+  a.vecQ = vecQ;
+  a.vecK = step_tensor(c, vecK, "vecK", "(B, NH, DHQK)", {{B, "B"}, {NH, "NH"}, {DHQK, "DHQK (vecQ.size(2))"}},
+                       vecQ, vecK.scalar_type());
+  TORCH_CHECK(vecV.dim() == 3, c.op, ": vecV must have 3 dims (B, NH, DHHV), got ", num(vecV.dim()),
+              " dims with shape ", sym_shape_str(vecV));
+  const c10::SymInt DHHV = vecV.sym_size(2);
+  a.vecV = step_tensor(c, vecV, "vecV", "(B, NH, DHHV)", {{B, "B"}, {NH, "NH"}, {DHHV, "DHHV"}}, vecQ,
+                       vecV.scalar_type());
+  c.same_dtype(vecK, "vecK", vecQ, "vecQ");
+  c.same_dtype(vecV, "vecV", vecQ, "vecQ");
+  a.scaI = step_per_head(c, scaI, "scaI", B, NH, vecQ, a.compute);
+  a.scaF = step_per_head(c, scaF, "scaF", B, NH, vecQ, a.compute);
+  const auto opts = vecQ.options().dtype(a.compute);
+  a.matC = matC.has_value() ? step_tensor(c, *matC, "matC", "(B, NH, DHQK, DHHV)",
+                                          {{B, "B"}, {NH, "NH"}, {DHQK, "DHQK"}, {DHHV, "DHHV"}}, vecQ, a.compute)
+                            : at::zeros_symint({B, NH, DHQK, DHHV}, opts);
+  a.vecN = vecN.has_value() ? step_tensor(c, *vecN, "vecN", "(B, NH, DHQK)", {{B, "B"}, {NH, "NH"}, {DHQK, "DHQK"}},
+                                          vecQ, a.compute)
+                            : at::zeros_symint({B, NH, DHQK}, opts);
+  a.m_keepdim = scaM.has_value() && scaM->dim() == 3;
+  a.scaM = scaM.has_value() ? step_per_head(c, *scaM, "scaM", B, NH, vecQ, a.compute)
+                            : at::zeros_symint({B, NH}, opts);
+  // The default scale needs DHQK's value (a head dim: static in practice).
+  double scale = 1.0;
+  if (qk_scale.has_value()) {
+    scale = *qk_scale;
+  } else {
+    const int64_t d = DHQK.guard_int(__FILE__, __LINE__);
+    scale = d > 0 ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+  }
+  a.qk_scale = c.scalar(scale, "qk_scale", a.compute, false);
+  a.eps = c.scalar(eps, "eps", a.compute, true);
   return a;
 }
 

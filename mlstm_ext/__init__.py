@@ -2,8 +2,8 @@
 
 Importing this package loads the compiled library, which registers the ops
 ``torch.ops.mlstm.{parallel_fw_hintra, recurrent_fw_states, chunkwise_fw, chunkwise_bw}`` (CPU, and CUDA when
-built with it), and registers their fake kernels (``mlstm_ext.ops``) for torch.compile /
-torch.export.
+built with it) and ``torch.ops.mlstm.recurrent_step`` (one generation step, any device), and
+registers their fake kernels (``mlstm_ext.ops``) for torch.compile / torch.export.
 """
 import glob
 import os
@@ -17,7 +17,9 @@ __all__ = [
     "recurrent_fw_states",
     "chunkwise_fw",
     "chunkwise_bw",
+    "recurrent_step",
     "mlstm_chunkwise",
+    "mlstm_step",
     "register_backend",
     "mlstm_chunkwise__parallel_fw_Hintra",
     "MLSTMLayer",
@@ -46,9 +48,10 @@ _check_build()  # ImportError, before loading, if _C was built against another t
 torch.ops.load_library(library_path())
 
 from . import ops  # noqa: E402  (wrappers and fake kernels of every op)
-from .ops import chunkwise_bw, chunkwise_fw, parallel_fw_hintra, recurrent_fw_states  # noqa: E402
+from .ops import chunkwise_bw, chunkwise_fw, parallel_fw_hintra, recurrent_fw_states, recurrent_step  # noqa: E402
 from . import autograd  # noqa: E402,F401  (registers chunkwise_fw's backward)
 from .chunkwise import mlstm_chunkwise  # noqa: E402
+from .step import mlstm_step  # noqa: E402
 
 
 def has_cuda_kernels() -> bool:
@@ -66,7 +69,9 @@ def register_backend():
     """Make mlstm_ext's kernels available to the ``xlstm`` package (explicit opt-in): adds
     "mlstm_ext" (exact gradients) and "mlstm_ext_custbw" (normaliser-constant gradients) to
     mlstm_kernels' chunkwise registry, so ``xLSTMLargeConfig(chunkwise_kernel="chunkwise--mlstm_ext")``
-    runs on them. See ``mlstm_ext.xlstm_backend``. Raises ImportError without mlstm-kernels."""
+    runs on them, and "mlstm_ext" (``mlstm_step``) to its step registry, so ``step_kernel="mlstm_ext"``
+    generates on ``recurrent_step``. See ``mlstm_ext.xlstm_backend``. Raises ImportError without
+    mlstm-kernels."""
     from .xlstm_backend import register_backend as _register
 
     return _register()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Sequence
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-__all__ = ["parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw", "chunkwise_bw"]
+__all__ = ["parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw", "chunkwise_bw", "recurrent_step"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,3 +196,18 @@ def _chunkwise_bw_fake(*args, **kwargs):
             matQ.new_empty((B, NH, S, DHHV)), matQ.new_empty((B, NH, S), dtype=dt),
             matQ.new_empty((B, NH, S), dtype=dt), matQ.new_empty((B, NH, DHQK, DHHV), dtype=dt),
             matQ.new_empty((B, NH, DHQK), dtype=dt))
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent_step: one position, for generation. No fake kernel: the op is one ATen composite on
+# every device (CompositeImplicitAutograd, csrc/step.cpp), which torch.compile and torch.export
+# trace through (its checks work on symbolic sizes).
+
+recurrent_step = _wrapper(torch.ops.mlstm.recurrent_step.default, """\
+One position of the mLSTM recurrence (SPEC.md, "The inference step"): the states entering it, one
+token's ``vecQ``, ``vecK`` (B, NH, DHQK), ``vecV`` (B, NH, DHHV) and gate pre-activations ``scaI``,
+``scaF`` ((B, NH) or (B, NH, 1)); absent states are zeros. Returns ``(vecH (B, NH, DHHV) in vecQ's
+dtype, matC_next (B, NH, DHQK, DHHV), vecN_next (B, NH, DHQK), scaM_next)``, the states in
+float32 (float64 for float64 inputs), scaM_next shaped like ``scaM`` ((B, NH) when absent).
+vecH is the H step at chunk_size 1, so steps continue a ``chunkwise_fw`` prefill exactly.
+Differentiable (autograd through its ATen ops; the stabilisers are constants).""")

@@ -7,7 +7,7 @@ adds our kernels there, so that::
 
     import mlstm_ext
     mlstm_ext.register_backend()
-    cfg = xLSTMLargeConfig(..., chunkwise_kernel="chunkwise--mlstm_ext", step_kernel="native")
+    cfg = xLSTMLargeConfig(..., chunkwise_kernel="chunkwise--mlstm_ext", step_kernel="mlstm_ext")
 
 runs every mLSTM layer on ``torch.ops.mlstm.chunkwise_fw``:
 
@@ -15,11 +15,14 @@ runs every mLSTM layer on ``torch.ops.mlstm.chunkwise_fw``:
   ``autocast_kernel_dtype``, ``eps``, ``chunk_size`` from the config);
 - mode "train_with_padding" and "inference": mlstm_kernels' wrappers pad the sequence to a multiple
   of chunk_size themselves (f = +25, i = -25 on the padding, so the states barely move) and call
-  the kernel; in "inference", a sequence of length 1 goes to the step kernel
-  (``step_kernel``: "native" or "triton", mlstm_kernels' own; not ours).
+  the kernel; in "inference", a sequence of length 1 goes to the step kernel: ours with
+  ``step_kernel="mlstm_ext"`` (``mlstm_ext.mlstm_step`` on ``torch.ops.mlstm.recurrent_step``, the
+  H step at chunk_size 1, so generation continues the chunkwise prefill exactly), or
+  mlstm_kernels' "native" / "triton".
 
-Registered names: "mlstm_ext" (exact gradients, SPEC.md "Gradients") and "mlstm_ext_custbw" (the
-normaliser-constant convention, the gradients of "native_custbw" and "triton_xl_chunk").
+Registered names: chunkwise "mlstm_ext" (exact gradients, SPEC.md "Gradients") and
+"mlstm_ext_custbw" (the normaliser-constant convention, the gradients of "native_custbw" and
+"triton_xl_chunk"); step "mlstm_ext".
 
 ``xlstm`` and ``mlstm_kernels`` are optional: importing ``mlstm_ext`` never imports them; only
 ``register_backend()`` does. Install them without letting pip touch torch::
@@ -31,6 +34,7 @@ from typing import Dict
 import torch
 
 from .chunkwise import mlstm_chunkwise
+from .step import mlstm_step
 
 __all__ = ["register_backend", "mlstm_chunkwise__mlstm_ext", "mlstm_chunkwise__mlstm_ext_custbw",
            "BACKEND_NAME", "BACKEND_NAME_CUSTBW"]
@@ -57,14 +61,17 @@ def mlstm_chunkwise__mlstm_ext_custbw(q, k, v, i, f, c_initial=None, n_initial=N
 
 
 def register_backend() -> Dict[str, str]:
-    """Add "mlstm_ext" and "mlstm_ext_custbw" to ``mlstm_kernels.torch.chunkwise.registry``
-    (idempotent). Returns the kernel names to put in ``chunkwise_kernel``:
-    ``{"exact": "chunkwise--mlstm_ext", "normaliser_constant": "chunkwise--mlstm_ext_custbw"}``.
+    """Add "mlstm_ext" and "mlstm_ext_custbw" to ``mlstm_kernels.torch.chunkwise.registry`` and
+    "mlstm_ext" (``mlstm_step``) to ``mlstm_kernels.torch.recurrent.registry_step`` (idempotent).
+    Returns the kernel names to put in ``chunkwise_kernel`` and ``step_kernel``:
+    ``{"exact": "chunkwise--mlstm_ext", "normaliser_constant": "chunkwise--mlstm_ext_custbw",
+    "step": "mlstm_ext"}``.
 
     Raises ImportError when mlstm_kernels (which xlstm uses to find its kernels) is not installed.
     """
     try:
         from mlstm_kernels.torch.chunkwise import registry
+        from mlstm_kernels.torch.recurrent import registry_step
     except ImportError as e:
         raise ImportError(
             "mlstm_ext.register_backend() needs the optional package mlstm-kernels (xlstm finds its "
@@ -74,4 +81,6 @@ def register_backend() -> Dict[str, str]:
         ) from e
     registry[BACKEND_NAME] = mlstm_chunkwise__mlstm_ext
     registry[BACKEND_NAME_CUSTBW] = mlstm_chunkwise__mlstm_ext_custbw
-    return {"exact": "chunkwise--" + BACKEND_NAME, "normaliser_constant": "chunkwise--" + BACKEND_NAME_CUSTBW}
+    registry_step[BACKEND_NAME] = mlstm_step
+    return {"exact": "chunkwise--" + BACKEND_NAME, "normaliser_constant": "chunkwise--" + BACKEND_NAME_CUSTBW,
+            "step": BACKEND_NAME}

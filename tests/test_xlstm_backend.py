@@ -62,14 +62,19 @@ def test_register_backend_without_packages_raises():
 def test_registry_lookup():
     from mlstm_kernels.torch import get_available_mlstm_kernels, get_mlstm_kernel
 
+    from mlstm_kernels.torch import get_available_mlstm_step_kernels, get_mlstm_step_kernel
+
     names = mlstm_ext.register_backend()
-    assert names == {"exact": "chunkwise--mlstm_ext", "normaliser_constant": "chunkwise--mlstm_ext_custbw"}
+    assert names == {"exact": "chunkwise--mlstm_ext", "normaliser_constant": "chunkwise--mlstm_ext_custbw",
+                     "step": "mlstm_ext"}
     assert mlstm_ext.register_backend() == names  # idempotent
     from mlstm_ext import xlstm_backend
 
     assert get_mlstm_kernel("chunkwise--mlstm_ext") is xlstm_backend.mlstm_chunkwise__mlstm_ext
     assert get_mlstm_kernel("chunkwise--mlstm_ext_custbw") is xlstm_backend.mlstm_chunkwise__mlstm_ext_custbw
     assert {"chunkwise--mlstm_ext", "chunkwise--mlstm_ext_custbw"} <= set(get_available_mlstm_kernels())
+    assert get_mlstm_step_kernel("mlstm_ext") is mlstm_ext.mlstm_step
+    assert "mlstm_ext" in get_available_mlstm_step_kernels()
 
 
 @needs_xlstm
@@ -91,24 +96,25 @@ def test_kernel_vs_native_autograd(seed, init):
         assert_close(a, b, 2e-5, name)
 
 
-def small_config(kernel, mode):
+def small_config(kernel, mode, step_kernel="native"):
     from xlstm.xlstm_large import xLSTMLargeConfig
 
     return xLSTMLargeConfig(
         embedding_dim=32, num_heads=2, num_blocks=2, vocab_size=128, chunk_size=16,
-        chunkwise_kernel=kernel, sequence_kernel="native_sequence__native", step_kernel="native",
+        chunkwise_kernel=kernel, sequence_kernel="native_sequence__native", step_kernel=step_kernel,
         mode=mode, return_last_states=True, autocast_kernel_dtype="bfloat16")
 
 
-def make_models(kernels, mode, seed, dtype=F32):
-    """One xLSTMLarge per kernel name, all with the same (random) weights."""
+def make_models(kernels, mode, seed, dtype=F32, step_kernels=None):
+    """One xLSTMLarge per kernel name (and step kernel name), all with the same (random) weights."""
     from xlstm.xlstm_large import xLSTMLarge
 
     mlstm_ext.register_backend()
     torch.manual_seed(seed)
-    models = [xLSTMLarge(small_config(kernels[0], mode))]
-    for name in kernels[1:]:
-        m = xLSTMLarge(small_config(name, mode))
+    steps = step_kernels or ["native"] * len(kernels)
+    models = [xLSTMLarge(small_config(kernels[0], mode, steps[0]))]
+    for name, step in zip(kernels[1:], steps[1:]):
+        m = xLSTMLarge(small_config(name, mode, step))
         m.load_state_dict(models[0].state_dict())
         models.append(m)
     with torch.no_grad():  # gate biases away from their defaults, so that m moves
@@ -151,6 +157,26 @@ def test_xlstm_forward_matches_native(seed, mode, S):
             lo1, so = ours(nxt, so)
             ln1, sn = native(nxt, sn)
             assert_close(lo1, ln1, 2e-5, "logits after one step")
+            compare_states(so, sn, 2e-5)
+
+
+@needs_xlstm
+def test_xlstm_generation_with_our_step_kernel(seed):
+    """Inference: a prefill, then eight one-token steps (xlstm's generation loop) with
+    step_kernel="mlstm_ext" against the native chunkwise and step kernels: logits and states equal
+    to float32 rounding at every step."""
+    ours, native = make_models(["chunkwise--mlstm_ext", "chunkwise--native_autograd"], "inference",
+                               seed, step_kernels=["mlstm_ext", "native"])
+    x = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        lo, so = ours(x)
+        ln, sn = native(x)
+        assert_close(lo, ln, 2e-5, "logits after the prefill")
+        for t in range(8):
+            nxt = lo[:, -1:].argmax(-1)
+            lo, so = ours(nxt, so)
+            ln, sn = native(nxt, sn)
+            assert_close(lo, ln, 2e-5, f"logits at step {t}")
             compare_states(so, sn, 2e-5)
 
 

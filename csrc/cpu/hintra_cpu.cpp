@@ -37,7 +37,6 @@
 namespace mlstm {
 namespace {
 
-constexpr double kMinimumMaxVal = -10.0;  // SPEC.md step 3 (the reference's MINIMUM_MAX_VAL)
 // Largest frame shift delta (see the header): g' = e^delta <= e^64 leaves float32 a factor 5e10 of
 // headroom for q C before overflow, and keeps exp(D - F), exp(-F) representable up to m ~ 150.
 constexpr double kMaxFrameShift = 64.0;
