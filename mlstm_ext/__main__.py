@@ -3,8 +3,9 @@
 1. Picks the device: CUDA when a GPU is present and the library has its CUDA kernels, else the CPU.
 2. Self-check: every op on fresh random inputs (``reference.random_inputs``) in float32, bfloat16
    and float16 against its float64 reference on the same inputs (``mlstm_ext.reference``):
-   parallel_fw_hintra, recurrent_fw_states, chunkwise_fw and chunkwise_bw (against float64
-   autograd through the reference), every output. Prints the
+   parallel_fw_hintra, recurrent_fw_states, chunkwise_fw, chunkwise_bw (against float64
+   autograd through the reference) and recurrent_step (eight generation steps from the states
+   entering chunk 1, against the float64 chain at chunk size 1), every output. Prints the
    relative-norm errors ||x - x64|| / ||x64|| and PASS/FAIL against ``reference.TOLERANCES``;
    exits 1 on any failure, before timing.
 3. A short timing table: each op against its PyTorch eager reference (the same reference
@@ -78,6 +79,30 @@ def _backward_ref(x, L, dt):
         return torch.autograd.grad([H, C, n], leaves + [C0, n0], [d.to(dt) for d in _incoming(x)])
 
 
+STEPS = 8  # generation steps the recurrent_step check walks
+
+
+def _step(x, L):
+    """recurrent_step over positions L .. L+STEPS-1 from the states entering chunk 1."""
+    q, k, v, i, f, C_all, n_all, m_all = x
+    DHQK = q.shape[-1]
+    C, n, m = C_all[:, :, DHQK:2 * DHQK], n_all[:, :, DHQK:2 * DHQK], m_all[:, :, 1]
+    hs = []
+    for t in range(L, L + STEPS):
+        h, C, n, m = mlstm_ext.recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t],
+                                              C, n, m)
+        hs.append(h)
+    return torch.stack(hs, 2), C, n, m
+
+
+def _step_ref(x, L, dt):
+    q, k, v, i, f, C_all, n_all, m_all = x
+    DHQK = q.shape[-1]
+    window = [t[:, :, L:L + STEPS] for t in (q, k, v, i, f)]
+    return ref.chunkwise_fw_reference(*window, C_all[:, :, DHQK:2 * DHQK], n_all[:, :, DHQK:2 * DHQK],
+                                      m_all[:, :, 1], chunk_size=1, compute_dtype=dt)[:4]
+
+
 # name: (op, reference, output names)
 OPS = {
     "parallel_fw_hintra": (_hintra, _hintra_ref, ("matH", "vecN", "vecM")),
@@ -85,8 +110,9 @@ OPS = {
     "chunkwise_fw": (_forward, _forward_ref,
                      ("matH", "matC_last", "vecN_last", "scaM_last", "vecN", "vecM")),
     "chunkwise_bw": (_backward, _backward_ref, ("dQ", "dK", "dV", "dI", "dF", "dC0", "dN0")),
+    "recurrent_step": (_step, _step_ref, ("vecH", "matC_next", "vecN_next", "scaM_next")),
 }
-IN_DTYPE_OUTPUTS = ("matH", "dQ", "dK", "dV")
+IN_DTYPE_OUTPUTS = ("matH", "vecH", "dQ", "dK", "dV")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +132,7 @@ def check_one(op_name: str, x, L: int, device: torch.device) -> List[str]:
         problems.append(f"{len(outs)} outputs, expected {len(names)}")
     for name, out, r in zip(names, outs, refs):
         want_dtype = in_dtype if name in IN_DTYPE_OUTPUTS else torch.float32
-        tol = tol_h if name == "matH" else tol_f32
+        tol = tol_h if name in ("matH", "vecH") else tol_f32
         if op_name == "chunkwise_bw":
             tol = ref.BACKWARD_TOLERANCES[in_dtype]
         err = ref.rel_norm_err(out, r)
