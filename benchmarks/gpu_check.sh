@@ -16,7 +16,8 @@
 #                     op: the H step, the states, the whole forward)
 #            main     python3 -m mlstm_ext
 #            bench    benchmarks/bench_gpu.py --quick (BENCH=full: --full; BENCH=check:
-#                     --check-only); $BENCH_ARGS added (e.g. "--tables hstep")
+#                     --check-only); $BENCH_ARGS added (e.g. "--tables hstep"); then
+#                     benchmarks/bench_step.py (the generation step), bench_step.md in $OUT
 #            ab       A/B of the H step, old build against new: builds the tree in $AB_BASE (default
 #                     .ab_base: a copy of older sources in an ignored folder, e.g.
 #                     `mkdir -p .ab_base && git archive OLD_COMMIT | tar -x -C .ab_base`) with
@@ -236,6 +237,8 @@ do_bench() {
     esac
     # shellcheck disable=SC2086
     "$PY" benchmarks/bench_gpu.py $mode --out "$OUT/bench.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+    # The generation step against mlstm-kernels' step kernels (launch-bound: seconds).
+    "$PY" benchmarks/bench_step.py --device cuda --budget 0.5 2>&1 | tee "$OUT/bench_step.md"
 }
 want bench && run_stage "bench($BENCH)" do_bench
 

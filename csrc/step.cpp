@@ -39,9 +39,10 @@ StepOutputs recurrent_step(const at::Tensor& vecQ, const at::Tensor& vecK, const
 
   // States: C' = e^(carried - m') C + e^(i - m') k v^T, n' likewise, m' = max(carried, i).
   const at::Tensor decay = at::exp(carried - m_next).to(cd), w_in = at::exp(i - m_next).to(cd);
-  const at::Tensor matC_next = decay.unsqueeze(-1).unsqueeze(-1) * a.matC +
-                               w_in.unsqueeze(-1).unsqueeze(-1) * (k.unsqueeze(-1) * v.unsqueeze(-2));
-  const at::Tensor vecN_next = decay.unsqueeze(-1) * a.vecN + w_in.unsqueeze(-1) * k;
+  // Two passes over C (scale, then the rank-1 update), not four.
+  const at::Tensor wk = w_in.unsqueeze(-1) * k;
+  const at::Tensor matC_next = at::addcmul(decay.unsqueeze(-1).unsqueeze(-1) * a.matC, wk.unsqueeze(-1), v.unsqueeze(-2));
+  const at::Tensor vecN_next = decay.unsqueeze(-1) * a.vecN + wk;
   at::Tensor scaM_next = m_next.to(cd);
   if (a.m_keepdim) scaM_next = scaM_next.unsqueeze(-1);
   return {vecH, matC_next, vecN_next, scaM_next};
