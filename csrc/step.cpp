@@ -6,6 +6,8 @@
 // the state update) run in the compute dtype.
 #include "step.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 namespace mlstm {
 
 StepOutputs recurrent_step(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
@@ -13,6 +15,9 @@ StepOutputs recurrent_step(const at::Tensor& vecQ, const at::Tensor& vecK, const
                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
                            const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale,
                            double eps) {
+  // Under autocast the matmul below would run in 16 bits (C rounded to bf16): like the kernel
+  // ops, the step computes in its own dtypes whatever the autocast state.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const StepArgs a = check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps);
   const at::ScalarType cd = a.compute;
   const at::Tensor q = a.vecQ.to(cd), k = a.vecK.to(cd), v = a.vecV.to(cd);

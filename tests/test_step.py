@@ -323,6 +323,17 @@ def test_compile_export_trace_opcheck(seed):
     torch.library.opcheck(step_op.default, tuple(args))
 
 
+def test_autocast_does_not_change_the_step(seed):
+    """Under autocast the step still computes q C with the float32 state (the composite turns
+    autocast off inside, as the kernel ops are unaffected by it): bitwise the result without."""
+    args = one_step(seed=seed)
+    want = step_op(*args)
+    with torch.autocast("cpu", dtype=BF16):
+        got = step_op(*args)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_mlstm_step_convention(seed):
     """mlstm_kernels' step-kernel convention: gates (B, NH, 1), m returned as (B, NH, 1), states
     in dtype_state; the same numbers as the op."""
@@ -342,11 +353,11 @@ def test_mlstm_step_convention(seed):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
 def test_cuda_matches_cpu(seed, dtype):
-    """The step on the GPU (the caller's device and stream) against the CPU step."""
+    """The step on the GPU (the caller's stream, under autocast) against the CPU step."""
     args = one_step(dtype=dtype, seed=seed, DHQK=64, DHHV=96)
     want = step_op(*args)
     stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), torch.autocast("cuda", dtype=BF16):
         got = step_op(*[t.cuda() for t in args])
     stream.synchronize()
     for a, b in zip(got, want):
