@@ -115,6 +115,9 @@ void check_positive_hint(const Checker& c, std::optional<int64_t> v, const char*
               " must be positive when given, got ", num(v.value_or(0)));
 }
 
+// qk_scale None: DHQK^-1/2 (1 when DHQK = 0, where nothing is scaled).
+double default_qk_scale(int64_t DHQK) { return DHQK > 0 ? 1.0 / std::sqrt(static_cast<double>(DHQK)) : 1.0; }
+
 at::ScalarType compute_dtype_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -259,9 +262,7 @@ HintraArgs check_hintra_args(
   // value is accepted (more permissive than the reference's Triton asserts, which tie them to
   // chunk_size).
   const at::ScalarType compute = compute_dtype_of(matQ);
-  a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale
-                                             : (DHQK > 0 ? 1.0 / std::sqrt((double)DHQK) : 1.0),
-                        "qk_scale", compute, false);
+  a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale : default_qk_scale(DHQK), "qk_scale", compute, false);
   a.eps = c.scalar(eps, "eps", compute, true);
   check_positive_hint(c, siz_b_LQ, "siz_b_LQ");
   check_positive_hint(c, siz_b_LKV, "siz_b_LKV");
@@ -321,9 +322,7 @@ ForwardArgs check_forward_common(const Checker& c, const at::Tensor& matQ, const
   a.matQ = matQ;
   const at::ScalarType compute = compute_dtype_of(matQ);
   const int64_t DHQK = a.states.DHQK;
-  a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale
-                                             : (DHQK > 0 ? 1.0 / std::sqrt((double)DHQK) : 1.0),
-                        "qk_scale", compute, false);
+  a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale : default_qk_scale(DHQK), "qk_scale", compute, false);
   a.eps = c.scalar(eps, "eps", compute, true);
   return a;
 }
@@ -482,14 +481,8 @@ StepArgs check_step_args(const at::Tensor& vecQ, const at::Tensor& vecK, const a
   a.scaM = scaM.has_value() ? step_per_head(c, *scaM, "scaM", B, NH, vecQ, a.compute)
                             : at::zeros_symint({B, NH}, opts);
   // The default scale needs DHQK's value (a head dim: static in practice).
-  double scale = 1.0;
-  if (qk_scale.has_value()) {
-    scale = *qk_scale;
-  } else {
-    const int64_t d = DHQK.guard_int(__FILE__, __LINE__);
-    scale = d > 0 ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
-  }
-  a.qk_scale = c.scalar(scale, "qk_scale", a.compute, false);
+  a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale : default_qk_scale(DHQK.guard_int(__FILE__, __LINE__)),
+                        "qk_scale", a.compute, false);
   a.eps = c.scalar(eps, "eps", a.compute, true);
   return a;
 }

@@ -13,9 +13,9 @@
 namespace mlstm::cuda {
 
 // A kRows x kCols tile of a row-major global matrix (unit column stride), sizes and block size
-// known at compile time: the hot copies (C stages, K and V blocks). Thread t copies column piece
-// t % P of rows t / P, t / P + kThreads / P, ...: a row's pieces belong to consecutive threads
-// of one warp (split_c_stage in hintra_sm80.cuh relies on it).
+// known at compile time, unrolled: the sm_80 H step's 16-bit C stages, the states kernel's K and V
+// steps. Thread t copies column piece t % P of rows t / P, t / P + kThreads / P, ...: a row's
+// pieces belong to consecutive threads of one warp (split_c_stage in hintra_sm80.cuh relies on it).
 template <typename T, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void stage_tile(T* s, int s_stride, const T* g, int64_t g_stride,
                                            int rows_valid, int cols_valid, bool vec) {
@@ -42,7 +42,9 @@ __device__ __forceinline__ void stage_tile(T* s, int s_stride, const T* g, int64
   }
 }
 
-// The same for sizes known only at run time (a Q tile of DHQK columns), any block size.
+// The same as a rolled loop, sizes known at run time, any block size: the sm_80 H step's Q tile
+// (DHQK columns), its K and V blocks and float32 C stages (unrolled, these measured slower at some
+// shapes: benchmarks/NOTES.md, fourth session).
 template <typename T>
 __device__ __forceinline__ void load_tile(T* s, int s_stride, const T* g, int64_t g_stride,
                                           int rows, int cols, int rows_valid, int cols_valid,
