@@ -71,6 +71,14 @@ HOSTILE_CASES = {
     "nan_in_v_fp16": ((1, 2, 128, 48, 40, 64), torch.float16, "nan_v"),
 }
 
+# The generation step's fused kernel: name: ((B, NH, DHQK, DHHV), dtype, state layout), against
+# the CPU step on the same inputs in float64. "misaligned": C starts 4 bytes past 16 (scalar loads).
+STEP_CASES = {
+    "step_bf16": ((2, 4, 64, 96), torch.bfloat16, "contiguous"),
+    "step_odd_fp32": ((1, 3, 33, 70), torch.float32, "misaligned"),
+    "step_big_fp16": ((1, 2, 256, 512), torch.float16, "absent"),
+}
+
 # op: (call, reference, output names)
 OPS = {
     "hintra": (lambda x, L: mlstm_ext.parallel_fw_hintra(*x, chunk_size=L),
@@ -108,7 +116,7 @@ def run_case(name: str, dev: torch.device, gen: torch.Generator) -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    names = list(CASES) + list(STATES_CASES) + list(BACKWARD_CASES) + list(HOSTILE_CASES)
+    names = list(CASES) + list(STATES_CASES) + list(BACKWARD_CASES) + list(HOSTILE_CASES) + list(STEP_CASES)
     p.add_argument("--cases", default=",".join(names), help=f"comma list of {', '.join(names)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -128,6 +136,8 @@ def main(argv=None):
             results.append(backward_case(name, *BACKWARD_CASES[name], dev, gen))
         elif name in HOSTILE_CASES:
             results.append(hostile_case(name, *HOSTILE_CASES[name], dev, gen))
+        elif name in STEP_CASES:
+            results.append(step_case(name, *STEP_CASES[name], dev, gen))
         else:
             results.append(run_case(name, dev, gen))
     return 0 if all(results) else 1
@@ -157,6 +167,33 @@ def hostile_case(name, shape, dtype, how, dev, gen):
         errs = []
     print(f"{name:16} hintra  {shape} {str(dtype)[6:]:8} " + " ".join(f"{e:.1e}" for e in errs)
           + f" {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def step_case(name, shape, dtype, layout, dev, gen):
+    """recurrent_step (no gradient: the fused kernel on CUDA) vs the CPU step in float64."""
+    B, NH, DQ, DV = shape
+
+    def rn(*s):
+        return torch.randn(*s, generator=gen)
+
+    x = [rn(B, NH, DQ).to(dtype), rn(B, NH, DQ).to(dtype), rn(B, NH, DV).to(dtype), rn(B, NH), 3.0 + rn(B, NH)]
+    states = [rn(B, NH, DQ, DV), rn(B, NH, DQ), rn(B, NH)] if layout != "absent" else [None] * 3
+    d = [t.to(dev) for t in x] + [None if t is None else t.to(dev) for t in states]
+    if layout == "misaligned":
+        wide = torch.empty(B, NH, DQ, DV + 1, device=dev)
+        wide[..., 1:] = d[5]
+        d[5] = wide[..., 1:]
+    with torch.no_grad():
+        outs = torch.ops.mlstm.recurrent_step(*d)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    refs = torch.ops.mlstm.recurrent_step(*[None if t is None else t.double() for t in x + states])
+    tol_h, tol_f32 = ref.TOLERANCES[dev.type][dtype]
+    errs = [ref.rel_norm_err(o.cpu(), r) for o, r in zip(outs, refs)]
+    ok = errs[0] <= tol_h and max(errs[1:]) <= tol_f32
+    print(f"{name:16} step    {shape} {str(dtype)[6:]:8} {layout:10} rel err h/C/n/m "
+          + "/".join(f"{e:.1e}" for e in errs) + f" {'PASS' if ok else 'FAIL'}", flush=True)
     return ok
 
 

@@ -152,9 +152,11 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::j
         names += (names.empty() ? "" : ", ") + args[i].name();
       }
     }
+    const bool step = op.schema().name() == "mlstm::_recurrent_step_fused";
     TORCH_CHECK(names.empty(), op.schema().name(), ": this op has no backward, but ", names,
-                " require grad. For training use mlstm_ext.mlstm_chunkwise (differentiable); "
-                "for inference call it under torch.no_grad() or pass detached tensors");
+                " require grad. For training use ",
+                step ? "torch.ops.mlstm.recurrent_step" : "mlstm_ext.mlstm_chunkwise",
+                " (differentiable); for inference call it under torch.no_grad() or pass detached tensors");
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
@@ -223,12 +225,44 @@ constexpr const char* kBackwardSchema =
     "Tensor matDeltaK, Tensor matDeltaV, Tensor vecDeltaI, Tensor vecDeltaF, Tensor matDeltaC_initial, "
     "Tensor vecDeltaN_initial)";
 
-// One position of the recurrence, for generation (SPEC.md, "The inference step"): one kernel for
-// every device (ATen ops), so no "_check_" twin or fake kernel; autograd goes through its ops.
+// One position of the recurrence, for generation (SPEC.md, "The inference step"). recurrent_step
+// is a composite (csrc/step.cpp: ATen ops, autograd through them); where no gradient is wanted on
+// CUDA it calls _recurrent_step_fused, the same step as one kernel, whose C++ Meta kernel (with
+// symbolic sizes) is what torch.compile / torch.export trace: neither needs a Python fake.
 constexpr const char* kStepSchema =
-    "recurrent_step(Tensor vecQ, Tensor vecK, Tensor vecV, Tensor scaI, Tensor scaF, "
+    "(Tensor vecQ, Tensor vecK, Tensor vecV, Tensor scaI, Tensor scaF, "
     "Tensor? matC=None, Tensor? vecN=None, Tensor? scaM=None, float? qk_scale=None, "
     "float eps=1e-6) -> (Tensor vecH, Tensor matC_next, Tensor vecN_next, Tensor scaM_next)";
+
+// _recurrent_step_fused on each backend: CPU runs the ATen step (so the op works everywhere), CUDA
+// the fused kernel, Meta only allocates.
+StepOutputs step_fused_cpu(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
+                           const at::Tensor& scaI, const at::Tensor& scaF,
+                           const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
+                           const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
+  return step_aten(check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps));
+}
+
+StepOutputs step_fused_cuda(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
+                            const at::Tensor& scaI, const at::Tensor& scaF,
+                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
+                            const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
+  const StepArgs a = check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps, false);
+#ifdef MLSTM_EXT_WITH_CUDA
+  return step_cuda(a);
+#else
+  CudaBackend::missing();
+#endif
+}
+
+StepOutputs step_fused_meta(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
+                            const at::Tensor& scaI, const at::Tensor& scaF,
+                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
+                            const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
+  const StepArgs a = check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps, false);
+  auto [vecH, matC_next, vecN_next, scaM_next] = allocate_step_outputs(a);
+  return {vecH, matC_next, vecN_next, a.m_keepdim ? scaM_next.unsqueeze(-1) : scaM_next};
+}
 
 template <class Backend>
 void register_kernels(torch::Library& m, const std::string& prefix = "") {
@@ -249,15 +283,25 @@ TORCH_LIBRARY(mlstm, m) {
     m.def((prefix + "chunkwise_fw" + kForwardSchema).c_str());
     m.def((prefix + "chunkwise_bw" + kBackwardSchema).c_str());
   }
-  m.def(kStepSchema);
+  m.def((std::string("recurrent_step") + kStepSchema).c_str());
+  m.def((std::string("_recurrent_step_fused") + kStepSchema).c_str());
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("_built_with_sm90a() -> bool", &built_with_sm90a);
   m.def("_set_sm90_enabled(bool on) -> bool", &set_sm90_enabled);
 }
 
-TORCH_LIBRARY_IMPL(mlstm, CPU, m) { register_kernels<CpuBackend>(m); }
-TORCH_LIBRARY_IMPL(mlstm, CUDA, m) { register_kernels<CudaBackend>(m); }
-TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m, "_check_"); }
+TORCH_LIBRARY_IMPL(mlstm, CPU, m) {
+  register_kernels<CpuBackend>(m);
+  m.impl("_recurrent_step_fused", &step_fused_cpu);
+}
+TORCH_LIBRARY_IMPL(mlstm, CUDA, m) {
+  register_kernels<CudaBackend>(m);
+  m.impl("_recurrent_step_fused", &step_fused_cuda);
+}
+TORCH_LIBRARY_IMPL(mlstm, Meta, m) {
+  register_kernels<MetaBackend>(m, "_check_");
+  m.impl("_recurrent_step_fused", &step_fused_meta);
+}
 
 TORCH_LIBRARY_IMPL(mlstm, CompositeImplicitAutograd, m) { m.impl("recurrent_step", &recurrent_step); }
 
@@ -265,7 +309,8 @@ TORCH_LIBRARY_IMPL(mlstm, Autograd, m) {
   // chunkwise_fw is differentiable: its autograd formula is registered from Python
   // (mlstm_ext/autograd.py).
   // chunkwise_bw has no backward of its own (no double backward).
-  for (const char* op : {"parallel_fw_hintra", "recurrent_fw_states", "chunkwise_bw"}) {
+  // _recurrent_step_fused: recurrent_step is the differentiable entry.
+  for (const char* op : {"parallel_fw_hintra", "recurrent_fw_states", "chunkwise_bw", "_recurrent_step_fused"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   }
 }

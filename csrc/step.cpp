@@ -6,19 +6,59 @@
 // the state update) run in the compute dtype.
 #include "step.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace mlstm {
+
+namespace {
+
+// The fused kernel serves CUDA inputs (not float64) when no gradient is wanted: it has no
+// backward, and the ATen path below has autograd's.
+bool fused_kernel_applies(const at::Tensor& vecQ, std::initializer_list<const at::Tensor*> inputs) {
+#ifdef MLSTM_EXT_WITH_CUDA
+  if (!vecQ.is_cuda() || vecQ.scalar_type() == at::kDouble) return false;
+  if (!at::GradMode::is_enabled()) return true;
+  for (const at::Tensor* t : inputs) {
+    if (t->defined() && t->requires_grad()) return false;
+  }
+  return true;
+#else
+  (void)vecQ, (void)inputs;
+  return false;
+#endif
+}
+
+}  // namespace
 
 StepOutputs recurrent_step(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
                            const at::Tensor& scaI, const at::Tensor& scaF,
                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
                            const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale,
                            double eps) {
-  // Under autocast the matmul below would run in 16 bits (C rounded to bf16): like the kernel
-  // ops, the step computes in its own dtypes whatever the autocast state.
+  // Under autocast the matmul of step_aten would run in 16 bits (C rounded to bf16): like the
+  // kernel ops, the step computes in its own dtypes whatever the autocast state.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const StepArgs a = check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps);
+  const at::Tensor none;
+  if (fused_kernel_applies(vecQ, {&vecQ, &vecK, &vecV, &scaI, &scaF, matC ? &*matC : &none,
+                                  vecN ? &*vecN : &none, scaM ? &*scaM : &none})) {
+    static const auto fused = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("mlstm::_recurrent_step_fused", "")
+                                  .typed<decltype(recurrent_step)>();
+    return fused.call(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps);
+  }
+  return step_aten(check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps));
+}
+
+StepOutputs allocate_step_outputs(const StepArgs& a) {
+  const c10::SymInt B = a.vecQ.sym_size(0), NH = a.vecQ.sym_size(1), DHQK = a.vecQ.sym_size(2);
+  const c10::SymInt DHHV = a.vecV.sym_size(2);
+  const auto state = a.vecQ.options().dtype(a.compute);
+  return {at::empty_symint({B, NH, DHHV}, a.vecQ.options()), at::empty_symint({B, NH, DHQK, DHHV}, state),
+          at::empty_symint({B, NH, DHQK}, state), at::empty_symint({B, NH}, state)};
+}
+
+StepOutputs step_aten(const StepArgs& a) {
   const at::ScalarType cd = a.compute;
   const at::Tensor q = a.vecQ.to(cd), k = a.vecK.to(cd), v = a.vecV.to(cd);
 

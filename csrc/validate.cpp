@@ -450,7 +450,8 @@ at::Tensor step_per_head(const Checker& c, const at::Tensor& t, const char* name
 StepArgs check_step_args(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
                          const at::Tensor& scaI, const at::Tensor& scaF,
                          const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
-                         const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
+                         const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps,
+                         bool absent_as_zeros) {
   const Checker c{"recurrent_step"};
   c.input_dtype(vecQ, "vecQ");
   TORCH_CHECK(vecQ.dim() == 3, c.op, ": vecQ must have 3 dims (B, NH, DHQK), got ", num(vecQ.dim()),
@@ -473,13 +474,13 @@ StepArgs check_step_args(const at::Tensor& vecQ, const at::Tensor& vecK, const a
   const auto opts = vecQ.options().dtype(a.compute);
   a.matC = matC.has_value() ? step_tensor(c, *matC, "matC", "(B, NH, DHQK, DHHV)",
                                           {{B, "B"}, {NH, "NH"}, {DHQK, "DHQK"}, {DHHV, "DHHV"}}, vecQ, a.compute)
-                            : at::zeros_symint({B, NH, DHQK, DHHV}, opts);
+                            : absent_as_zeros ? at::zeros_symint({B, NH, DHQK, DHHV}, opts) : at::Tensor();
   a.vecN = vecN.has_value() ? step_tensor(c, *vecN, "vecN", "(B, NH, DHQK)", {{B, "B"}, {NH, "NH"}, {DHQK, "DHQK"}},
                                           vecQ, a.compute)
-                            : at::zeros_symint({B, NH, DHQK}, opts);
+                            : absent_as_zeros ? at::zeros_symint({B, NH, DHQK}, opts) : at::Tensor();
   a.m_keepdim = scaM.has_value() && scaM->dim() == 3;
   a.scaM = scaM.has_value() ? step_per_head(c, *scaM, "scaM", B, NH, vecQ, a.compute)
-                            : at::zeros_symint({B, NH}, opts);
+                            : absent_as_zeros ? at::zeros_symint({B, NH}, opts) : at::Tensor();
   // The default scale needs DHQK's value (a head dim: static in practice).
   a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale : default_qk_scale(DHQK.guard_int(__FILE__, __LINE__)),
                         "qk_scale", a.compute, false);
