@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import mlstm_ext
-from conftest import BF16, F32, F64, assert_close, errors
+from conftest import BF16, F32, F64, assert_close, errors, requires_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_XLSTM = all(importlib.util.find_spec(m) is not None for m in ("xlstm", "mlstm_kernels", "einops"))
@@ -161,13 +161,15 @@ def test_xlstm_forward_matches_native(seed, mode, S):
 
 
 @needs_xlstm
-def test_xlstm_generation_with_our_step_kernel(seed):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
+def test_xlstm_generation_with_our_step_kernel(seed, device):
     """Inference: a prefill, then eight one-token steps (xlstm's generation loop) with
     step_kernel="mlstm_ext" against the native chunkwise and step kernels: logits and states equal
-    to float32 rounding at every step."""
+    to float32 rounding at every step (on CUDA our steps run the fused step kernel)."""
     ours, native = make_models(["chunkwise--mlstm_ext", "chunkwise--native_autograd"], "inference",
                                seed, step_kernels=["mlstm_ext", "native"])
-    x = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(seed))
+    ours, native = ours.to(device), native.to(device)
+    x = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
         lo, so = ours(x)
         ln, sn = native(x)
