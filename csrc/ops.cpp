@@ -62,6 +62,29 @@ struct MetaBackend {
   static void backward(const BackwardArgs&, BackwardOutputs&) {}
 };
 
+// Forward-mode AD (torch.func.jvp, forward_ad.make_dual): no op of the library has a tangent
+// formula, so an input with a tangent is refused by name (recurrent_step's ATen path has them).
+void check_no_tangents(const std::string& op, const std::vector<std::pair<std::string, at::Tensor>>& inputs) {
+  std::string names;
+  for (const auto& [name, t] : inputs) {
+    if (t.defined() && t._fw_grad(/*level=*/0).defined()) names += (names.empty() ? "" : ", ") + name;
+  }
+  TORCH_CHECK(names.empty(), op, ": forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+              "supported, but ", names, " carry a tangent. Use reverse mode (backward(), torch.func.vjp "
+              "or torch.func.grad)");
+}
+
+// The tensor arguments on a boxed stack, by schema name.
+std::vector<std::pair<std::string, at::Tensor>> tensor_args(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const auto in = torch::jit::last(*stack, args.size());
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (in[i].isTensor()) out.emplace_back(args[i].name(), in[i].toTensor());
+  }
+  return out;
+}
+
 // ---- Op kernels. ----
 template <class Backend>
 HintraOutputs run_hintra(const HintraArgs& a) {
@@ -110,6 +133,11 @@ ForwardOutputs chunkwise_fw(const at::Tensor& matQ, const at::Tensor& matK, cons
                             const std::optional<at::Tensor>& scaM_initial,
                             std::optional<double> qk_scale, int64_t chunk_size, double eps,
                             c10::string_view grad_mode) {
+  // Its autograd formula (mlstm_ext/autograd.py) is reverse mode only.
+  check_no_tangents("chunkwise_fw", {{"matQ", matQ}, {"matK", matK}, {"matV", matV}, {"vecI", vecI}, {"vecF", vecF},
+                                     {"matC_initial", matC_initial.value_or(at::Tensor())},
+                                     {"vecN_initial", vecN_initial.value_or(at::Tensor())},
+                                     {"scaM_initial", scaM_initial.value_or(at::Tensor())}});
   const ForwardArgs f = check_forward_args(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
                                            scaM_initial, qk_scale, chunk_size, eps, grad_mode);
   auto [matC_all, vecN_all, scaM_all] = run_states<Backend>(f.states);
@@ -141,9 +169,11 @@ BackwardOutputs chunkwise_bw(const at::Tensor& matQ, const at::Tensor& matK, con
 }
 
 // Autograd key: ops without a backward refuse inputs that require grad (under grad mode) rather
-// than return results whose backward() silently gives None gradients.
+// than return results whose backward() silently gives None gradients, and inputs carrying a
+// forward-mode tangent rather than return outputs whose tangents are silently zero.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
+  check_no_tangents(op.schema().name(), tensor_args(op, stack));
   if (at::GradMode::is_enabled()) {
     std::string names;
     const auto in = torch::jit::last(*stack, args.size());

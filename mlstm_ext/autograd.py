@@ -1,8 +1,9 @@
 """Autograd formula of ``torch.ops.mlstm.chunkwise_fw`` (SPEC.md, "Gradients").
 
-Registered with ``torch.library.register_autograd``, so eager autograd, torch.compile (AOTAutograd)
-and ``torch.library.opcheck`` all see the same backward: the compiled op
-``torch.ops.mlstm.chunkwise_bw`` (csrc/backward.cpp), on the device of the inputs.
+Registered as ``torch.library.register_autograd`` does it (one Python kernel on the Autograd
+key), so eager autograd, torch.compile (AOTAutograd) and ``torch.library.opcheck`` all see the same
+backward: the compiled op ``torch.ops.mlstm.chunkwise_bw`` (csrc/backward.cpp), on the device of
+the inputs. The kernel first refuses forward-mode tangents (reverse mode only).
 
 - Differentiated: matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial. scaM_initial gets a
   zero gradient (m is a stabiliser and carries none); scaM_last, vecN and vecM are marked
@@ -64,4 +65,33 @@ def _backward(ctx, dH, dC_last, dN_last, _dM_last, _dvecN, _dvecM):
     return (*grads, None, None, None, None)
 
 
-torch.library.register_autograd("mlstm::chunkwise_fw", _backward, setup_context=_setup_context)
+_TENSOR_NAMES = ("matQ", "matK", "matV", "vecI", "vecF", "matC_initial", "vecN_initial", "scaM_initial")
+
+
+def _refuse_tangents(args) -> None:
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): the formula here is reverse
+    mode only, and without this check the op would return zero tangents silently."""
+    names = [n for n, a in zip(_TENSOR_NAMES, args)
+             if isinstance(a, torch.Tensor) and torch._VF._unpack_dual(a, 0)[1] is not None]
+    if names:
+        raise RuntimeError(
+            f"chunkwise_fw: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+            f"supported, but {', '.join(names)} carry a tangent. Use reverse mode (backward(), "
+            f"torch.func.vjp or torch.func.grad)")
+
+
+# What torch.library.register_autograd registers, behind the tangent check (its own kernel lets
+# forward-mode tangents through as zeros). Older or newer torch without these internals: the plain
+# registration.
+try:
+    _kernel = torch._library.autograd.make_autograd_impl(
+        torch.ops.mlstm.chunkwise_fw.default, torch._library.autograd.Info(_backward, _setup_context))
+
+    def _autograd_kernel(keyset, *args, **kwargs):
+        _refuse_tangents(args)
+        return _kernel(keyset, *args, **kwargs)
+
+    _lib = torch.library.Library("mlstm", "IMPL")
+    _lib.impl("chunkwise_fw", _autograd_kernel, "Autograd", with_keyset=True)
+except (AttributeError, TypeError):
+    torch.library.register_autograd("mlstm::chunkwise_fw", _backward, setup_context=_setup_context)

@@ -435,3 +435,69 @@ def test_backward_with_default_chunk_size(seed):
     chunkwise_fw_reference(q, k, v, i, f, chunk_size=64, compute_dtype=torch.float64, detach_m=True)[0].sum().backward()
     for a, t in zip(ours, (q, k, v, i, f)):
         assert torch.allclose(a, t.grad, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward-mode AD: no op has a tangent formula, so tangents are refused by name (before, every op
+# returned zero tangents silently); the generation step's ATen path has them.
+
+
+def _forward_mode_cases():
+    (q, k, v, i, f), (C0, n0, m0) = make_qkvif(1, 2, 16, 4, 6, F64, True)
+    H, _, _, _, vecN, vecM = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, C0, n0, m0, chunk_size=8)
+    C_all, n_all, m_all = torch.ops.mlstm.recurrent_fw_states(k, v, i, f, C0, n0, m0, chunk_size=8)
+    dH = torch.randn_like(H)
+    return {
+        "parallel_fw_hintra": (lambda *a: torch.ops.mlstm.parallel_fw_hintra(*a, C_all, n_all, m_all, chunk_size=8),
+                               (q, k, v, i, f), "matQ, matK, matV, vecI, vecF carry a tangent"),
+        "recurrent_fw_states": (lambda *a: torch.ops.mlstm.recurrent_fw_states(*a, C0, n0, m0, chunk_size=8),
+                                (k, v, i, f), "matK, matV, vecI, vecF carry a tangent"),
+        "chunkwise_fw": (lambda *a: torch.ops.mlstm.chunkwise_fw(*a, C0, n0, m0, chunk_size=8),
+                         (q, k, v, i, f), "matQ, matK, matV, vecI, vecF carry a tangent"),
+        "mlstm_chunkwise": (lambda *a: mlstm_ext.mlstm_chunkwise(*a, chunk_size=8), (q, k, v, i, f),
+                            "matQ, matK, matV, vecI, vecF carry a tangent"),
+        "chunkwise_bw": (lambda a, b: torch.ops.mlstm.chunkwise_bw(q, k, a, i, f, C0, n0, m0, H, vecN, vecM, b,
+                                                                   None, None, chunk_size=8),
+                         (v, dH), "matV, matDeltaH carry a tangent"),
+        "_recurrent_step_fused": (lambda *a: torch.ops.mlstm._recurrent_step_fused(*a, C0, n0, m0),
+                                  (q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0]),
+                                  "vecQ, vecK, vecV, scaI, scaF carry a tangent"),
+    }
+
+
+@pytest.mark.parametrize("how", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize("name", ["parallel_fw_hintra", "recurrent_fw_states", "chunkwise_fw", "mlstm_chunkwise",
+                                  "chunkwise_bw", "_recurrent_step_fused"])
+def test_forward_mode_ad_is_refused(name, how):
+    import torch.autograd.forward_ad as fwAD
+    fn, primals, names = _forward_mode_cases()[name]
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    with pytest.raises(RuntimeError, match=r"forward-mode AD \(torch.func.jvp, torch.autograd.forward_ad\) "
+                                           r"is not supported, but " + names):
+        if how == "torch.func.jvp":
+            torch.func.jvp(fn, primals, tangents)
+        else:
+            with fwAD.dual_level():
+                fn(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+
+
+def test_step_forward_mode_ad_matches_finite_differences(seed):
+    """recurrent_step's tangents (its ATen path) against central differences in float64. As in
+    test_step.py::test_gradcheck: eps = 0 and the states as C e^m, n e^m (the stabiliser is a
+    constant by convention, and only eps and the stabilised frame depend on it)."""
+    (q, k, v, i, f), (C0, n0, m0) = make_qkvif(2, 3, 1, 5, 7, F64, True, seed=seed)
+    m0 = m0.reshape(2, 3).double()
+    primals = tuple(t.double() for t in (q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], C0, n0))
+    tangents = tuple(torch.randn_like(p) for p in primals)
+
+    def fn(*a):
+        h, C, n, m = torch.ops.mlstm.recurrent_step(*a, m0, eps=0.0)
+        s = torch.exp(m)
+        return h, C * s[..., None, None], n * s[..., None]
+
+    _, jv = torch.func.jvp(fn, primals, tangents)
+    step = 1e-6
+    plus = fn(*[p + step * t for p, t in zip(primals, tangents)])
+    minus = fn(*[p - step * t for p, t in zip(primals, tangents)])
+    for name, j, a, b in zip(("h", "C e^m", "n e^m"), jv, plus, minus):
+        assert_close(j, (a - b) / (2 * step), 1e-6, f"tangent of {name}")
