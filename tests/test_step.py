@@ -158,12 +158,14 @@ BAD = {  # name: (mutate the argument list, expected message)
 
 @pytest.mark.parametrize("name", BAD.keys())
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_bad_input_is_named(name, device):
+@pytest.mark.parametrize("op", ["recurrent_step", "_recurrent_step_fused"])
+def test_bad_input_is_named(name, device, op):
+    """The op and its fused-kernel op (which users may call too) share the checks and messages."""
     args = [t.to(device) for t in one_step()]
     mutate, msg = BAD[name]
     mutate(args)
     with pytest.raises(RuntimeError, match="recurrent_step: " + msg):
-        step_op(*args)
+        getattr(torch.ops.mlstm, op)(*args)
 
 
 @pytest.mark.parametrize("name", ["k DHQK", "i shape", "C DHHV"])
@@ -194,8 +196,9 @@ def test_device_mismatch_is_named():
     ("eps", -1e-6, r"eps must be finite and >= 0"), ("eps", 1e39, "eps must be finite"),
     ("eps", NAN, "eps must be finite")])
 def test_bad_scalars(name, value, match):
-    with pytest.raises(RuntimeError, match="recurrent_step: " + match):
-        step_op(*one_step(), **{name: value})
+    for op in (step_op, torch.ops.mlstm._recurrent_step_fused):
+        with pytest.raises(RuntimeError, match="recurrent_step: " + match):
+            op(*one_step(), **{name: value})
     step_op(*one_step(dtype=F64), qk_scale=1e39)  # fits float64: accepted
 
 
