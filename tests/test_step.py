@@ -300,27 +300,30 @@ def test_strided_inputs_and_state_dtypes(seed):
 # torch.compile, torch.export, tracing, opcheck, the mlstm_kernels calling convention
 
 
+class StepModule(torch.nn.Module):
+    def forward(self, q, k, v, i, f, C, n, m):
+        return step_op(q, k, v, i, f, C, n, m)
+
+
+def compile_and_export(args, want, check):
+    """torch.compile(fullgraph), static and dynamic, and torch.export with a dynamic batch give
+    `want` (check(got, expected) per output); returns the exported program."""
+    for dynamic in (False, True):
+        got = torch.compile(lambda *a: step_op(*a), fullgraph=True, dynamic=dynamic)(*args)
+        for a, b in zip(got, want):
+            check(a, b)
+    B = torch.export.Dim("B", min=1, max=64)
+    ep = torch.export.export(StepModule(), tuple(args), dynamic_shapes=tuple({0: B} for _ in args))
+    for a, b in zip(ep.module()(*[t[:1] for t in args]), want):
+        check(a, b[:1])
+    return ep
+
+
 def test_compile_export_trace_opcheck(seed):
     args = one_step(seed=seed)
     want = step_op(*args)
-
-    def f(*a):
-        return step_op(*a)
-
-    for dynamic in (False, True):
-        got = torch.compile(f, fullgraph=True, dynamic=dynamic)(*args)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b)
-
-    class M(torch.nn.Module):
-        def forward(self, q, k, v, i, f, C, n, m):
-            return step_op(q, k, v, i, f, C, n, m)
-
-    B = torch.export.Dim("B", min=1, max=64)
-    ep = torch.export.export(M(), tuple(args), dynamic_shapes=tuple({0: B} for _ in args))
-    for a, b in zip(ep.module()(*[t[:1] for t in args]), want):
-        torch.testing.assert_close(a, b[:1])
-    traced = torch.jit.trace(M(), tuple(args))
+    compile_and_export(args, want, torch.testing.assert_close)
+    traced = torch.jit.trace(StepModule(), tuple(args))
     for a, b in zip(traced(*args), want):
         assert torch.equal(a, b)
     torch.library.opcheck(step_op.default, tuple(args))

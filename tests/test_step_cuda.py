@@ -16,7 +16,7 @@ import torch
 
 from conftest import BF16, F16, F32, F64, assert_close, poison_allocator, requires_cuda
 from mlstm_ext import reference as ref
-from test_step import one_step
+from test_step import compile_and_export, one_step
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
@@ -185,20 +185,10 @@ def test_compile_export_opcheck(seed):
     args = cuda(one_step(dtype=BF16, seed=seed, B=2, NH=3, DHQK=32, DHHV=40))
     want = step_op(*args)
 
-    def f(*a):
-        return step_op(*a)
+    def same(a, b):
+        assert torch.equal(a, b)
 
-    for dynamic in (False, True):
-        got = torch.compile(f, fullgraph=True, dynamic=dynamic)(*args)
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
-
-    class M(torch.nn.Module):
-        def forward(self, q, k, v, i, f, C, n, m):
-            return step_op(q, k, v, i, f, C, n, m)
-
-    B = torch.export.Dim("B", min=1, max=64)
-    ep = torch.export.export(M(), tuple(args), dynamic_shapes=tuple({0: B} for _ in args))
+    ep = compile_and_export(args, want, same)  # the fused op's Meta kernel, symbolic batch
     assert "mlstm.recurrent_step" in str(ep.graph)  # a custom composite stays whole in export
     decomposed = ep.run_decompositions()  # as AOTInductor lowers it: the fused op, no ATen ops
     assert "mlstm._recurrent_step_fused" in str(decomposed.graph), str(decomposed.graph)
