@@ -264,13 +264,12 @@ constexpr const char* kStepSchema =
     "Tensor? matC=None, Tensor? vecN=None, Tensor? scaM=None, float? qk_scale=None, "
     "float eps=1e-6) -> (Tensor vecH, Tensor matC_next, Tensor vecN_next, Tensor scaM_next)";
 
-// _recurrent_step_fused on each backend: CPU runs the ATen step (so the op works everywhere), CUDA
-// the fused kernel, Meta only allocates.
+// _recurrent_step_fused on each backend: the fused CPU and CUDA kernels; Meta only allocates.
 StepOutputs step_fused_cpu(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
                            const at::Tensor& scaI, const at::Tensor& scaF,
                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
                            const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
-  return step_aten(check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps));
+  return step_cpu(check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps, false));
 }
 
 StepOutputs step_fused_cuda(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,

@@ -13,11 +13,14 @@ namespace mlstm {
 
 namespace {
 
-// The fused kernel serves CUDA inputs (not float64) when no gradient is wanted, in either mode:
-// it has no derivative, and the ATen path below has autograd's.
+// The fused kernels serve CPU inputs and CUDA inputs (not float64) when no gradient is wanted, in
+// either mode: they have no derivative, and the ATen path below has autograd's.
 bool fused_kernel_applies(const at::Tensor& vecQ, std::initializer_list<const at::Tensor*> inputs) {
-#ifdef MLSTM_EXT_WITH_CUDA
-  if (!vecQ.is_cuda() || vecQ.scalar_type() == at::kDouble) return false;
+  const bool cuda = vecQ.is_cuda() && vecQ.scalar_type() != at::kDouble;
+#ifndef MLSTM_EXT_WITH_CUDA
+  if (vecQ.is_cuda()) return false;
+#endif
+  if (!cuda && !vecQ.is_cpu()) return false;
   for (const at::Tensor* t : inputs) {  // forward-mode AD: the ATen ops have tangent formulas
     if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return false;
   }
@@ -26,10 +29,6 @@ bool fused_kernel_applies(const at::Tensor& vecQ, std::initializer_list<const at
     if (t->defined() && t->requires_grad()) return false;
   }
   return true;
-#else
-  (void)vecQ, (void)inputs;
-  return false;
-#endif
 }
 
 }  // namespace

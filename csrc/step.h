@@ -1,8 +1,8 @@
 // One position of the mLSTM recurrence, for generation (SPEC.md, "The inference step"): the
 // states in, one token's q, k, v and gates, its output and the states out. The op is registered
 // CompositeImplicitAutograd, so it runs on every device, differentiates through autograd and
-// decomposes for torch.compile / torch.export like any ATen composite; on CUDA, where no input
-// needs a gradient, it is one fused kernel (the op _recurrent_step_fused).
+// decomposes for torch.compile / torch.export like any ATen composite; on the CPU and on CUDA,
+// where no input needs a gradient, it is one fused kernel (the op _recurrent_step_fused).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,13 +41,14 @@ StepOutputs allocate_step_outputs(const StepArgs& a);
 
 // The step in ATen ops (any device, differentiable through autograd).
 StepOutputs step_aten(const StepArgs& a);
+// The fused kernels (no autograd): CPU (csrc/cpu/step_cpu.cpp) and CUDA (csrc/cuda/step_cuda.cpp).
+StepOutputs step_cpu(const StepArgs& a);
 #ifdef MLSTM_EXT_WITH_CUDA
-// The fused CUDA kernel (csrc/cuda/step_cuda.cpp): no autograd.
 StepOutputs step_cuda(const StepArgs& a);
 #endif
 
 // The op recurrent_step (CompositeImplicitAutograd): the fused kernel op _recurrent_step_fused
-// where it applies (CUDA, no input needing a gradient), step_aten otherwise.
+// where it applies (CPU or CUDA, no input needing a gradient), step_aten otherwise.
 StepOutputs recurrent_step(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
                            const at::Tensor& scaI, const at::Tensor& scaF,
                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,

@@ -369,3 +369,19 @@ def test_cuda_matches_cpu(seed, dtype):
     for a, b in zip(got, want):
         assert a.device.type == "cuda" and a.dtype == b.dtype
         assert_close(a.cpu().to(F64), b.to(F64), 1e-5 if dtype == F32 else 1e-2, "out")
+
+
+def test_without_grad_the_fused_kernel_runs(seed):
+    """No input needs a gradient: the composite calls the fused kernel's op (no ATen arithmetic in
+    the profile) and gives its result bit for bit; inputs that require grad take the ATen path,
+    whose values agree to rounding."""
+    args = one_step(seed=seed, DHQK=32, DHHV=48)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = step_op(*args)
+    names = {e.name for e in prof.events()}
+    assert "mlstm::_recurrent_step_fused" in names and "aten::matmul" not in names, sorted(names)
+    for a, b in zip(got, torch.ops.mlstm._recurrent_step_fused(*args)):
+        assert torch.equal(a, b)
+    with_grad = step_op(*[t.clone().requires_grad_() for t in args])
+    for a, b in zip(with_grad, got):
+        assert_close(a.detach().to(F64), b.to(F64), 1e-6, "ATen path vs fused")

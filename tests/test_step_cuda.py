@@ -165,6 +165,18 @@ def test_hostile_like_cpu(seed, case):
             assert torch.isfinite(o[other.cuda()]).all()
 
 
+@pytest.mark.parametrize("m_state", [110.0, 300.0])
+def test_large_m_zero_state_eps0(seed, m_state):
+    """eps = 0, m far above float32's exponent range and a zero state: g / den (~e^m) passes
+    float32's range while q C is exactly 0; h must stay finite (the kernel combines in float64)."""
+    args = one_step(seed=seed, B=2, NH=3, DHQK=20, DHHV=70)
+    args[3] = torch.zeros_like(args[3])
+    args[5], args[6] = torch.zeros_like(args[5]), torch.zeros_like(args[6])
+    args[7] = torch.full_like(args[7], m_state)
+    h = like_cpu(args, eps=0.0)[0]
+    assert torch.isfinite(h).all()
+
+
 @pytest.mark.parametrize("sizes", [(0, 3, 5, 7), (2, 0, 5, 7), (2, 3, 0, 7), (2, 3, 5, 0)])
 def test_zero_sizes(sizes):
     B, NH, DHQK, DHHV = sizes

@@ -39,7 +39,8 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kStepThreads) step_kernel(const StepParams p) {
   __shared__ float red[2][kStepThreads / 32];
-  __shared__ float coef[4];  // w / den, g / den, decay, weight of the new k v^T
+  __shared__ float coef[2];    // decay, weight of the new k v^T
+  __shared__ double hcoef[2];  // w / den, g / den: the latter passes float32's range for large m
   __shared__ float part[kStepRowGroups][kStepCols + 4];
 
   const int tid = threadIdx.x;
@@ -72,13 +73,13 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(const StepParams p) 
     const double w = p.qk_scale * static_cast<double>(qk) * exp(ig - m_row);
     const double g = p.qk_scale * exp(carried - m_row);
     const double den = nan_max(fabs(w + g * static_cast<double>(qn)), exp(-m_row)) + p.eps;
-    coef[0] = static_cast<float>(w / den);
-    coef[1] = static_cast<float>(g / den);
-    coef[2] = static_cast<float>(exp(carried - m_next));
-    coef[3] = static_cast<float>(exp(ig - m_next));
+    hcoef[0] = w / den;
+    hcoef[1] = g / den;
+    coef[0] = static_cast<float>(exp(carried - m_next));
+    coef[1] = static_cast<float>(exp(ig - m_next));
   }
   __syncthreads();
-  const float wv = coef[0], wqc = coef[1], decay = coef[2], w_in = coef[3];
+  const float decay = coef[0], w_in = coef[1];
 
   // ---- One pass over this block's 64 columns of C. ----
   const int cg = tid % kStepColThreads, rg = tid / kStepColThreads;
@@ -126,8 +127,9 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(const StepParams p) 
       float qc = 0.f;
 #pragma unroll
       for (int r = 0; r < kStepRowGroups; ++r) qc += part[r][tid];
-      const float vj = to_float(v[j * p.v_sd]);
-      static_cast<T*>(p.H)[bh * p.DHHV + j] = from_float<T>(fmaf(wv, vj, wqc * qc));
+      // In float64: g / den may pass float32's range (large m, small eps) while q C is exactly 0.
+      const double vj = to_float(v[j * p.v_sd]);
+      static_cast<T*>(p.H)[bh * p.DHHV + j] = from_float<T>(static_cast<float>(fma(hcoef[0], vj, hcoef[1] * qc)));
     }
   }
 
