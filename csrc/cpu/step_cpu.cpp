@@ -13,34 +13,12 @@
 #include <vector>
 
 #include "step.h"
+#include "step_scalars.h"
 
 namespace mlstm {
 namespace {
 
 constexpr int64_t kCols = 256;  // DHHV columns per task
-
-double nan_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::max(a, b); }
-
-double log_sigmoid(double x) { return std::isnan(x) ? x : std::min(x, 0.0) - std::log1p(std::exp(-std::fabs(x))); }
-
-struct HeadScalars {
-  double wv, wqc, decay, w_in, m_next;  // w / den, g / den, e^(c - m'), e^(i - m'), m'
-};
-
-// SPEC.md's scalars for one head from q . k and q . n (csrc/step.cpp forms the same).
-HeadScalars head_scalars(double qk, double qn, double i, double f, double m, double qk_scale, double eps) {
-  double lf = log_sigmoid(f);
-  if (!std::isinf(lf) && !std::isnan(lf)) lf = std::max(lf, kMinLogForget);  // SPEC step 1
-  const double carried = lf + m;
-  HeadScalars s;
-  s.m_next = nan_max(carried, i);
-  const double m_row = nan_max(carried, std::isnan(i) ? i : std::max(i, kMinimumMaxVal));
-  const double w = qk_scale * qk * std::exp(i - m_row), g = qk_scale * std::exp(carried - m_row);
-  const double den = nan_max(std::fabs(w + g * qn), std::exp(-m_row)) + eps;
-  s.wv = w / den, s.wqc = g / den;
-  s.decay = std::exp(carried - s.m_next), s.w_in = std::exp(i - s.m_next);
-  return s;
-}
 
 // T: input dtype; A: compute dtype (float, or double for float64 inputs).
 template <typename T, typename A>
@@ -71,7 +49,7 @@ void step_typed(const StepArgs& a, at::Tensor& vecH, at::Tensor& C_next, at::Ten
         qk += qd * static_cast<double>(static_cast<A>(kh[d * ks[2]]));
         if (nh != nullptr) qn += qd * static_cast<double>(nh[d * a.vecN.stride(2)]);
       }
-      const HeadScalars s = head_scalars(
+      const StepScalars s = step_scalars(
           qk, qn, gi[b * a.scaI.stride(0) + h * a.scaI.stride(1)], gf[b * a.scaF.stride(0) + h * a.scaF.stride(1)],
           gm != nullptr ? static_cast<double>(gm[b * a.scaM.stride(0) + h * a.scaM.stride(1)]) : 0.0, a.qk_scale, a.eps);
       const A decay = static_cast<A>(s.decay), w_in = static_cast<A>(s.w_in);

@@ -13,16 +13,10 @@
 #include "common.h"
 #include "cuda/mma.cuh"
 #include "cuda/step_params.h"
+#include "step_scalars.h"
 
 namespace mlstm::cuda {
 namespace {
-
-__device__ __forceinline__ double nan_max(double a, double b) { return (isnan(a) || isnan(b)) ? NAN : fmax(a, b); }
-
-// log(sigmoid(x)) without overflow: min(x, 0) - log1p(e^-|x|); NaN stays NaN.
-__device__ __forceinline__ double log_sigmoid(double x) {
-  return isnan(x) ? x : fmin(x, 0.0) - log1p(exp(-fabs(x)));
-}
 
 // Sum over the block; every thread gets it. `scratch`: one float per warp.
 __device__ __forceinline__ float block_sum(float x, float* scratch) {
@@ -63,20 +57,13 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(const StepParams p) 
   qn = block_sum(qn, red[1]);
   double m_next = 0.0;
   if (tid == 0) {
-    const double ig = p.i[b * p.i_sb + h * p.i_sh];
-    const double m = p.m != nullptr ? p.m[b * p.m_sb + h * p.m_sh] : 0.0;
-    double lf = log_sigmoid(p.f[b * p.f_sb + h * p.f_sh]);
-    if (!isinf(lf) && !isnan(lf)) lf = fmax(lf, kMinLogForget);  // SPEC step 1
-    const double carried = lf + m;
-    m_next = nan_max(carried, ig);
-    const double m_row = nan_max(carried, isnan(ig) ? ig : fmax(ig, kMinimumMaxVal));
-    const double w = p.qk_scale * static_cast<double>(qk) * exp(ig - m_row);
-    const double g = p.qk_scale * exp(carried - m_row);
-    const double den = nan_max(fabs(w + g * static_cast<double>(qn)), exp(-m_row)) + p.eps;
-    hcoef[0] = w / den;
-    hcoef[1] = g / den;
-    coef[0] = static_cast<float>(exp(carried - m_next));
-    coef[1] = static_cast<float>(exp(ig - m_next));
+    const StepScalars s = step_scalars(qk, qn, p.i[b * p.i_sb + h * p.i_sh], p.f[b * p.f_sb + h * p.f_sh],
+                                       p.m != nullptr ? p.m[b * p.m_sb + h * p.m_sh] : 0.f, p.qk_scale, p.eps);
+    m_next = s.m_next;
+    hcoef[0] = s.wv;
+    hcoef[1] = s.wqc;
+    coef[0] = static_cast<float>(s.decay);
+    coef[1] = static_cast<float>(s.w_in);
   }
   __syncthreads();
   const float decay = coef[0], w_in = coef[1];
