@@ -28,6 +28,7 @@ struct CpuBackend {
   static void hintra(const HintraArgs& a, at::Tensor& H, at::Tensor& N, at::Tensor& M) { hintra_cpu(a, H, N, M); }
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cpu(a, C, n, m); }
   static void backward(const BackwardArgs& a, BackwardOutputs& out) { chunkwise_bw_compute(a, &states_cpu, out); }
+  static void step(const StepArgs& a, StepOutputs& out) { step_cpu(a, out); }
 };
 
 #ifdef MLSTM_EXT_WITH_CUDA
@@ -39,6 +40,7 @@ struct CudaBackend {
     check_not_float64_on_cuda("chunkwise_bw", "matQ", a.fw.matQ);
     chunkwise_bw_compute(a, &states_cuda, out);
   }
+  static void step(const StepArgs& a, StepOutputs& out) { step_cuda(a, out); }
 };
 #else
 struct CudaBackend {
@@ -51,6 +53,7 @@ struct CudaBackend {
   static void hintra(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) { missing(); }
   static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) { missing(); }
   static void backward(const BackwardArgs&, BackwardOutputs&) { missing(); }
+  static void step(const StepArgs&, StepOutputs&) { missing(); }
 };
 #endif
 
@@ -60,6 +63,7 @@ struct MetaBackend {
   static void hintra(const HintraArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
   static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
   static void backward(const BackwardArgs&, BackwardOutputs&) {}
+  static void step(const StepArgs&, StepOutputs&) {}
 };
 
 // Forward-mode AD (torch.func.jvp, forward_ad.make_dual): no op of the library has a tangent
@@ -172,15 +176,12 @@ BackwardOutputs chunkwise_bw(const at::Tensor& matQ, const at::Tensor& matK, con
 // than return results whose backward() silently gives None gradients, and inputs carrying a
 // forward-mode tangent rather than return outputs whose tangents are silently zero.
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  const auto& args = op.schema().arguments();
-  check_no_tangents(op.schema().name(), tensor_args(op, stack));
+  const auto inputs = tensor_args(op, stack);
+  check_no_tangents(op.schema().name(), inputs);
   if (at::GradMode::is_enabled()) {
     std::string names;
-    const auto in = torch::jit::last(*stack, args.size());
-    for (size_t i = 0; i < args.size(); ++i) {
-      if (in[i].isTensor() && in[i].toTensor().requires_grad()) {
-        names += (names.empty() ? "" : ", ") + args[i].name();
-      }
+    for (const auto& [name, t] : inputs) {
+      if (t.defined() && t.requires_grad()) names += (names.empty() ? "" : ", ") + name;
     }
     const bool step = op.schema().name() == "mlstm::_recurrent_step_fused";
     TORCH_CHECK(names.empty(), op.schema().name(), ": this op has no backward, but ", names,
@@ -257,40 +258,24 @@ constexpr const char* kBackwardSchema =
 
 // One position of the recurrence, for generation (SPEC.md, "The inference step"). recurrent_step
 // is a composite (csrc/step.cpp: ATen ops, autograd through them); where no gradient is wanted on
-// CUDA it calls _recurrent_step_fused, the same step as one kernel, whose C++ Meta kernel (with
-// symbolic sizes) is what torch.compile / torch.export trace: neither needs a Python fake.
+// the CPU or CUDA it calls _recurrent_step_fused, the same step as one kernel, whose C++ Meta kernel
+// (with symbolic sizes) is what torch.compile / torch.export trace: neither needs a Python fake.
 constexpr const char* kStepSchema =
     "(Tensor vecQ, Tensor vecK, Tensor vecV, Tensor scaI, Tensor scaF, "
     "Tensor? matC=None, Tensor? vecN=None, Tensor? scaM=None, float? qk_scale=None, "
     "float eps=1e-6) -> (Tensor vecH, Tensor matC_next, Tensor vecN_next, Tensor scaM_next)";
 
-// _recurrent_step_fused on each backend: the fused CPU and CUDA kernels; Meta only allocates.
-StepOutputs step_fused_cpu(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
-                           const at::Tensor& scaI, const at::Tensor& scaF,
-                           const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
-                           const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
-  return step_cpu(check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps, false));
-}
-
-StepOutputs step_fused_cuda(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
-                            const at::Tensor& scaI, const at::Tensor& scaF,
-                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
-                            const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
+// _recurrent_step_fused: the fused kernel of the backend (Meta: shapes only). Absent states stay
+// absent: the kernels read none.
+template <class Backend>
+StepOutputs recurrent_step_fused(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
+                                 const at::Tensor& scaI, const at::Tensor& scaF,
+                                 const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
+                                 const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
   const StepArgs a = check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps, false);
-#ifdef MLSTM_EXT_WITH_CUDA
-  return step_cuda(a);
-#else
-  CudaBackend::missing();
-#endif
-}
-
-StepOutputs step_fused_meta(const at::Tensor& vecQ, const at::Tensor& vecK, const at::Tensor& vecV,
-                            const at::Tensor& scaI, const at::Tensor& scaF,
-                            const std::optional<at::Tensor>& matC, const std::optional<at::Tensor>& vecN,
-                            const std::optional<at::Tensor>& scaM, std::optional<double> qk_scale, double eps) {
-  const StepArgs a = check_step_args(vecQ, vecK, vecV, scaI, scaF, matC, vecN, scaM, qk_scale, eps, false);
-  auto [vecH, matC_next, vecN_next, scaM_next] = allocate_step_outputs(a);
-  return {vecH, matC_next, vecN_next, a.m_keepdim ? scaM_next.unsqueeze(-1) : scaM_next};
+  StepOutputs out = allocate_step_outputs(a);
+  Backend::step(a, out);  // (no size check here: Meta sizes may be symbolic; empty grids do nothing)
+  return out;
 }
 
 template <class Backend>
@@ -299,6 +284,7 @@ void register_kernels(torch::Library& m, const std::string& prefix = "") {
   m.impl((prefix + "recurrent_fw_states").c_str(), &recurrent_fw_states<Backend>);
   m.impl((prefix + "chunkwise_fw").c_str(), &chunkwise_fw<Backend>);
   m.impl((prefix + "chunkwise_bw").c_str(), &chunkwise_bw<Backend>);
+  m.impl("_recurrent_step_fused", &recurrent_step_fused<Backend>);  // no "_check_" twin (C++ Meta)
 }
 
 }  // namespace
@@ -319,18 +305,9 @@ TORCH_LIBRARY(mlstm, m) {
   m.def("_set_sm90_enabled(bool on) -> bool", &set_sm90_enabled);
 }
 
-TORCH_LIBRARY_IMPL(mlstm, CPU, m) {
-  register_kernels<CpuBackend>(m);
-  m.impl("_recurrent_step_fused", &step_fused_cpu);
-}
-TORCH_LIBRARY_IMPL(mlstm, CUDA, m) {
-  register_kernels<CudaBackend>(m);
-  m.impl("_recurrent_step_fused", &step_fused_cuda);
-}
-TORCH_LIBRARY_IMPL(mlstm, Meta, m) {
-  register_kernels<MetaBackend>(m, "_check_");
-  m.impl("_recurrent_step_fused", &step_fused_meta);
-}
+TORCH_LIBRARY_IMPL(mlstm, CPU, m) { register_kernels<CpuBackend>(m); }
+TORCH_LIBRARY_IMPL(mlstm, CUDA, m) { register_kernels<CudaBackend>(m); }
+TORCH_LIBRARY_IMPL(mlstm, Meta, m) { register_kernels<MetaBackend>(m, "_check_"); }
 
 TORCH_LIBRARY_IMPL(mlstm, CompositeImplicitAutograd, m) { m.impl("recurrent_step", &recurrent_step); }
 

@@ -16,17 +16,15 @@ namespace {
 // The fused kernels serve CPU inputs and CUDA inputs (not float64) when no gradient is wanted, in
 // either mode: they have no derivative, and the ATen path below has autograd's.
 bool fused_kernel_applies(const at::Tensor& vecQ, std::initializer_list<const at::Tensor*> inputs) {
+#ifdef MLSTM_EXT_WITH_CUDA
   const bool cuda = vecQ.is_cuda() && vecQ.scalar_type() != at::kDouble;
-#ifndef MLSTM_EXT_WITH_CUDA
-  if (vecQ.is_cuda()) return false;
+#else
+  const bool cuda = false;
 #endif
   if (!cuda && !vecQ.is_cpu()) return false;
-  for (const at::Tensor* t : inputs) {  // forward-mode AD: the ATen ops have tangent formulas
-    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return false;
-  }
-  if (!at::GradMode::is_enabled()) return true;
-  for (const at::Tensor* t : inputs) {
-    if (t->defined() && t->requires_grad()) return false;
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const at::Tensor* t : inputs) {  // a tangent: the ATen ops have forward-mode formulas too
+    if (t->defined() && (t->_fw_grad(/*level=*/0).defined() || (grad_mode && t->requires_grad()))) return false;
   }
   return true;
 }
@@ -57,7 +55,8 @@ StepOutputs allocate_step_outputs(const StepArgs& a) {
   const c10::SymInt DHHV = a.vecV.sym_size(2);
   const auto state = a.vecQ.options().dtype(a.compute);
   return {at::empty_symint({B, NH, DHHV}, a.vecQ.options()), at::empty_symint({B, NH, DHQK, DHHV}, state),
-          at::empty_symint({B, NH, DHQK}, state), at::empty_symint({B, NH}, state)};
+          at::empty_symint({B, NH, DHQK}, state),
+          a.m_keepdim ? at::empty_symint({B, NH, 1}, state) : at::empty_symint({B, NH}, state)};
 }
 
 StepOutputs step_aten(const StepArgs& a) {

@@ -36,15 +36,16 @@ StepArgs check_step_args(const at::Tensor& vecQ, const at::Tensor& vecK, const a
 // (vecH in vecQ's dtype, matC_next, vecN_next, scaM_next in the compute dtype).
 using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Contiguous outputs; scaM_next as (B, NH) (the caller adds the kept dim).
+// Contiguous outputs; scaM_next shaped like scaM ((B, NH, 1) or (B, NH)).
 StepOutputs allocate_step_outputs(const StepArgs& a);
 
 // The step in ATen ops (any device, differentiable through autograd).
 StepOutputs step_aten(const StepArgs& a);
-// The fused kernels (no autograd): CPU (csrc/cpu/step_cpu.cpp) and CUDA (csrc/cuda/step_cuda.cpp).
-StepOutputs step_cpu(const StepArgs& a);
+// The fused kernels (no autograd) fill the outputs allocate_step_outputs made: CPU
+// (csrc/cpu/step_cpu.cpp) and CUDA (csrc/cuda/step_cuda.cpp).
+void step_cpu(const StepArgs& a, StepOutputs& out);
 #ifdef MLSTM_EXT_WITH_CUDA
-StepOutputs step_cuda(const StepArgs& a);
+void step_cuda(const StepArgs& a, StepOutputs& out);
 #endif
 
 // The op recurrent_step (CompositeImplicitAutograd): the fused kernel op _recurrent_step_fused

@@ -199,9 +199,10 @@ def _chunkwise_bw_fake(*args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# recurrent_step: one position, for generation. No fake kernel: the op is one ATen composite on
-# every device (CompositeImplicitAutograd, csrc/step.cpp), which torch.compile and torch.export
-# trace through (its checks work on symbolic sizes).
+# recurrent_step: one position, for generation. No fake kernel: the op is a composite
+# (CompositeImplicitAutograd, csrc/step.cpp) that torch.compile and torch.export trace through (its
+# checks work on symbolic sizes); the fused-kernel op it calls when no gradient is wanted,
+# _recurrent_step_fused, has a C++ Meta kernel.
 
 recurrent_step = _wrapper(torch.ops.mlstm.recurrent_step.default, """\
 One position of the mLSTM recurrence (SPEC.md, "The inference step"): the states entering it, one
@@ -210,4 +211,5 @@ token's ``vecQ``, ``vecK`` (B, NH, DHQK), ``vecV`` (B, NH, DHHV) and gate pre-ac
 dtype, matC_next (B, NH, DHQK, DHHV), vecN_next (B, NH, DHQK), scaM_next)``, the states in
 float32 (float64 for float64 inputs), scaM_next shaped like ``scaM`` ((B, NH) when absent).
 vecH is the H step at chunk_size 1, so steps continue a ``chunkwise_fw`` prefill exactly.
-Differentiable (autograd through its ATen ops; the stabilisers are constants).""")
+Differentiable (autograd through its ATen ops; the stabilisers are constants); without gradients
+it runs one fused kernel on the CPU and on CUDA.""")

@@ -33,6 +33,7 @@ void step_typed(const StepArgs& a, at::Tensor& vecH, at::Tensor& C_next, at::Ten
   A *Cn = C_next.data_ptr<A>(), *nn = n_next.data_ptr<A>(), *mn = m_next.data_ptr<A>();
   const int64_t n_tiles = std::max<int64_t>(1, (DHHV + kCols - 1) / kCols);
   const auto qs = a.vecQ.strides(), ks = a.vecK.strides(), vs = a.vecV.strides();
+  const c10::IntArrayRef ns = n != nullptr ? a.vecN.strides() : c10::IntArrayRef();
 
   at::parallel_for(0, B * NH * n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> qc(kCols), vt(kCols);
@@ -42,12 +43,12 @@ void step_typed(const StepArgs& a, at::Tensor& vecH, at::Tensor& C_next, at::Ten
       const T* qh = q + b * qs[0] + h * qs[1];
       const T* kh = k + b * ks[0] + h * ks[1];
       const T* vh = v + b * vs[0] + h * vs[1];
-      const A* nh = n != nullptr ? n + b * a.vecN.stride(0) + h * a.vecN.stride(1) : nullptr;
+      const A* nh = n != nullptr ? n + b * ns[0] + h * ns[1] : nullptr;
       double qk = 0.0, qn = 0.0;
       for (int64_t d = 0; d < DHQK; ++d) {
         const double qd = static_cast<double>(static_cast<A>(qh[d * qs[2]]));
         qk += qd * static_cast<double>(static_cast<A>(kh[d * ks[2]]));
-        if (nh != nullptr) qn += qd * static_cast<double>(nh[d * a.vecN.stride(2)]);
+        if (nh != nullptr) qn += qd * static_cast<double>(nh[d * ns[2]]);
       }
       const StepScalars s = step_scalars(
           qk, qn, gi[b * a.scaI.stride(0) + h * a.scaI.stride(1)], gf[b * a.scaF.stride(0) + h * a.scaF.stride(1)],
@@ -88,7 +89,7 @@ void step_typed(const StepArgs& a, at::Tensor& vecH, at::Tensor& C_next, at::Ten
 
       if (j0 == 0) {  // n' and m'
         for (int64_t d = 0; d < DHQK; ++d) {
-          const A nd = nh != nullptr ? nh[d * a.vecN.stride(2)] : A(0);
+          const A nd = nh != nullptr ? nh[d * ns[2]] : A(0);
           nn[bh * DHQK + d] = decay * nd + w_in * static_cast<A>(kh[d * ks[2]]);
         }
         mn[bh] = static_cast<A>(s.m_next);
@@ -99,16 +100,12 @@ void step_typed(const StepArgs& a, at::Tensor& vecH, at::Tensor& C_next, at::Ten
 
 }  // namespace
 
-StepOutputs step_cpu(const StepArgs& a) {
-  auto [vecH, matC_next, vecN_next, scaM_next] = allocate_step_outputs(a);
-  if (scaM_next.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.vecQ.scalar_type(), "recurrent_step_cpu", [&] {
-      using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      step_typed<scalar_t, A>(a, vecH, matC_next, vecN_next, scaM_next);
-    });
-  }
-  if (a.m_keepdim) scaM_next = scaM_next.unsqueeze(-1);
-  return {vecH, matC_next, vecN_next, scaM_next};
+void step_cpu(const StepArgs& a, StepOutputs& out) {
+  auto& [vecH, matC_next, vecN_next, scaM_next] = out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.vecQ.scalar_type(), "recurrent_step_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    step_typed<scalar_t, A>(a, vecH, matC_next, vecN_next, scaM_next);
+  });
 }
 
 }  // namespace mlstm

@@ -1,5 +1,5 @@
 // CUDA backend entry of the generation step's fused kernel (step_params.h): device guard, the
-// caller's stream, output allocation, one launch.
+// caller's stream, one launch into the outputs the op allocated.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -9,10 +9,10 @@
 
 namespace mlstm {
 
-StepOutputs step_cuda(const StepArgs& a) {
+void step_cuda(const StepArgs& a, StepOutputs& out) {
   check_not_float64_on_cuda("recurrent_step", "vecQ", a.vecQ);
   const c10::cuda::CUDAGuard guard(a.vecQ.device());
-  auto [vecH, matC_next, vecN_next, scaM_next] = allocate_step_outputs(a);
+  auto& [vecH, matC_next, vecN_next, scaM_next] = out;
   const int64_t B = a.vecQ.size(0), NH = a.vecQ.size(1), DHQK = a.vecQ.size(2), DHHV = a.vecV.size(2);
 
   cuda::StepParams p{};
@@ -47,8 +47,6 @@ StepOutputs step_cuda(const StepArgs& a) {
     default: TORCH_CHECK(false, "recurrent_step: unsupported dtype on CUDA: ", a.vecQ.scalar_type());
   }
   cuda::launch_step(p, B * NH, dt, c10::cuda::getCurrentCUDAStream());
-  if (a.m_keepdim) scaM_next = scaM_next.unsqueeze(-1);
-  return {vecH, matC_next, vecN_next, scaM_next};
 }
 
 }  // namespace mlstm
