@@ -47,9 +47,12 @@ def _hopper_kernel_used():
 
 
 # Shapes for the two 16-bit kernels: tile edges (L < 64, L = 128 with two row tiles, DHHV not a
-# multiple of the tile, DHQK not a multiple of 16 or 32) and the standard one.
+# multiple of the tile, DHQK not a multiple of 16 or 32) and the standard one; wide heads (DHQK
+# above 128: the Hopper kernel's wide layout, K in parts of 128 columns, a short last part, DHQK
+# not a multiple of 32).
 KERNEL_SHAPES = [(2, 3, 256, 64, 64, 64), (1, 2, 512, 128, 128, 128), (1, 2, 96, 48, 80, 16),
-                 (1, 1, 96, 50, 70, 32), (1, 2, 256, 128, 200, 64), (1, 1, 64, 3, 5, 64)]
+                 (1, 1, 96, 50, 70, 32), (1, 2, 256, 128, 200, 64), (1, 1, 64, 3, 5, 64),
+                 (1, 2, 256, 256, 200, 128), (1, 1, 128, 160, 136, 64), (1, 2, 192, 250, 128, 64)]
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)

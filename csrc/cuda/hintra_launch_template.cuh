@@ -1,7 +1,8 @@
 // Definition of launch_hintra<T> (hintra_launch.h): the plan picks the kernel and its DHHV tile,
 // this maps them onto the compiled kernel templates and launches on the caller's stream.
 // Only what the plan can pick is instantiated: the sm_80 kernel with DHHV tiles 64 and 128 for
-// 16-bit inputs and MLSTM_EXT_FP32_BDV for float32, the sm_90a kernel for 16-bit inputs.
+// 16-bit inputs and MLSTM_EXT_FP32_BDV for float32, the sm_90a kernel for 16-bit inputs (DHHV
+// tiles 64 and 128, and its wide-head layout with tile 128).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -33,6 +34,7 @@ void launch_hintra(const HintraParams& p, const HintraPlan& plan, cudaStream_t s
                 num(plan.bdv));
     if (plan.kernel == HintraKernel::kSm90) {
       if (plan.bdv == 64) return launch_kernel(hintra_sm90_kernel<Sm90Traits<T, 64>>, p, plan, stream);
+      if (plan.sm90_wide) return launch_kernel(hintra_sm90_kernel<Sm90Traits<T, 128, true>>, p, plan, stream);
       return launch_kernel(hintra_sm90_kernel<Sm90Traits<T, 128>>, p, plan, stream);
     }
     if (plan.bdv == 64) return launch_kernel(hintra_sm80_kernel<HintraTraits<T, 64>>, p, plan, stream);

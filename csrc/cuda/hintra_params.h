@@ -47,6 +47,7 @@ struct DeviceFacts {
 
 struct HintraPlan {
   HintraKernel kernel = HintraKernel::kSm80;
+  bool sm90_wide = false;    // the Hopper kernel's wide-head layout (Sm90Traits kWide)
   int bdv = 128;             // DHHV columns per block
   int rows_per_block = 64;   // query rows per block
   int threads = 128;

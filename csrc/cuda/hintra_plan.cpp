@@ -24,6 +24,8 @@ int sm90_smem(int bdv, int DHQK, int L) {
                    : make_sm90_layout<Sm90Traits<Bf16, 128>>(DHQK, L).bytes;
 }
 
+int sm90_wide_smem(int DHQK, int L) { return make_sm90_layout<Sm90Traits<Bf16, 128, true>>(DHQK, L).bytes; }
+
 }  // namespace
 
 HintraPlan plan_hintra(const HintraShape& s, InputType type, int dv_tile_hint, const DeviceFacts& dev,
@@ -42,12 +44,17 @@ HintraPlan plan_hintra(const HintraShape& s, InputType type, int dv_tile_hint, c
   plan.n_dvt = std::max(1, (s.DHHV + plan.bdv - 1) / plan.bdv);
 
   // The Hopper kernel serves 16-bit inputs on compute capability 9.0 when three of its blocks fit
-  // on a multiprocessor (with two it measured no faster than the sm_80 kernel: benchmarks/NOTES.md).
+  // on a multiprocessor (with two it measured slower than the sm_80 kernel: benchmarks/NOTES.md);
+  // wide heads (DHQK above one K part) get its wide layout when only that fits three.
   bool sm90 = false;
   if (!f32 && allow_sm90 && dev.cc_major == 9 && dev.cc_minor == 0 && s.DHQK <= 4096) {
+    const auto fits3 = [&](int bytes) { return 3 * (bytes + 1024) <= dev.smem_per_sm; };  // 1 KB per block is the driver's
     const int bytes = sm90_smem(plan.bdv, s.DHQK, s.L);
-    sm90 = 3 * (bytes + 1024) <= dev.smem_per_sm;  // 1 KB per block is reserved by the driver
-    if (sm90) plan.smem_bytes = bytes;
+    if (fits3(bytes)) {
+      sm90 = true, plan.smem_bytes = bytes;
+    } else if (plan.bdv == 128 && s.DHQK > Sm90Traits<Bf16, 128, true>::kKPart && fits3(sm90_wide_smem(s.DHQK, s.L))) {
+      sm90 = true, plan.sm90_wide = true, plan.smem_bytes = sm90_wide_smem(s.DHQK, s.L);
+    }
   }
   if (sm90) {
     plan.kernel = HintraKernel::kSm90;

@@ -86,10 +86,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   unsigned char* sVt = smem + lay.vt_off;
   const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + s0 * p.k_ss;
   const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + s0 * p.v_ss + dv0;
+  // K columns part * k_cols .. of key block kb0 (one part, all of DHQK, unless Tr::kWide).
+  const int k_cols = lay.k_cols, n_kparts = Tr::kWide ? (DQKp + k_cols - 1) / k_cols : 1;
+  auto load_k = [&](int kb0, int part) {  // the caller commits
+    const int c0 = part * k_cols;
+    load_core_tile<T>(sKt, gK + kb0 * p.k_ss + c0, p.k_ss, min(k_cols, DQKp - c0),
+                      min(Tr::kKeys, row_end - kb0), p.DHQK - c0, p.k_vec);
+  };
   auto load_kv = [&](int kb0) {  // the caller commits
-    const int keys_valid = min(Tr::kKeys, row_end - kb0);
-    load_core_tile<T>(sKt, gK + kb0 * p.k_ss, p.k_ss, DQKp, keys_valid, p.DHQK, p.k_vec);
-    load_core_tile<T>(sVt, gV + kb0 * p.v_ss, p.v_ss, BDV, keys_valid, dv_valid, p.v_vec);
+    load_k(kb0, 0);
+    load_core_tile<T>(sVt, gV + kb0 * p.v_ss, p.v_ss, BDV, min(Tr::kKeys, row_end - kb0), dv_valid, p.v_vec);
   };
   // ---- Phase 1: acc = Q C_k, qn = q . n_k, 16 rows of C per stage through a ring of landing slots.
   // Copies run along rows (whole 128-byte lines per 8 threads); the split into C_hi / C_lo
@@ -203,7 +209,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   // ---- Phase 2, intra-chunk term over the causal key blocks. ----
   // K and V go to the landing ring, free now (every thread split its pieces before the last
-  // barrier); C_hi/lo, still read by the last products, do not overlap them.
+  // barrier); C_hi/lo, still read by the last products, do not overlap them, except in the wide
+  // layout, where the last products must be done first.
+  if constexpr (Tr::kWide) {
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(acc);
+    sm90::fence_regs(qa);
+    sm90::fence_regs(qlo);
+    __syncthreads();
+  }
   load_kv(0);
   cp_async_commit();
 
@@ -223,8 +237,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   float rowsum0 = 0.f, rowsum1 = 0.f;
   const RowGate r0 = row_gate(gs, tile, wr + g), r1 = row_gate(gs, tile, wr + g + 8);
   const int n_kb = (row_end + Tr::kKeys - 1) / Tr::kKeys;
-  const int n_ks = DQKp / 16;
-  const uint32_t kQSbo = q_chunks * 128;  // next 8 rows of Q / keys of K (same width)
+  const uint32_t kQSbo = q_chunks * 128;  // next 8 rows of Q
   constexpr uint32_t kVLbo = (BDV / 8) * 128;
   // The key loop, compiled twice: the exact exponents of wide chunks stay out of the common path.
   auto key_loop = [&](auto wide_tag) {
@@ -240,16 +253,32 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       sm90::fence_proxy_async();
       __syncthreads();
 
-      // S = Q K^T for 64 keys: both operands in shared memory, all k steps in one group.
+      // S = Q K^T for 64 keys: both operands in shared memory, the k steps of a K part in one
+      // group (one part unless Tr::kWide; the next part reuses the buffer once they are done).
       float sacc[32];
   #pragma unroll
       for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-      sm90::wgmma_fence();
+      for (int part = 0; part < n_kparts; ++part) {
+        if (part > 0) {
+          sm90::wgmma_wait<0>();
+          sm90::fence_regs(sacc);
+          __syncthreads();  // every warp's products of the previous part are done
+          load_k(kb0, part);
+          cp_async_commit();
+          cp_async_wait<0>();
+          sm90::fence_proxy_async();
+          __syncthreads();
+        }
+        const int cols = Tr::kWide ? min(k_cols, DQKp - part * k_cols) : DQKp;
+        const uint32_t k_sbo = (cols / 8) * 128;  // next 8 keys of this K part
+        const unsigned char* q_part = smem + lay.q_off + (part * k_cols / 16) * 256;
+        sm90::wgmma_fence();
   #pragma unroll 1
-      for (int ks = 0; ks < n_ks; ++ks)
-        sm90::WgmmaSS<64, Tr::kF16>::run(sacc, sm90::make_desc(smem + lay.q_off + ks * 256, 128, kQSbo),
-                                         sm90::make_desc(sKt + ks * 256, 128, kQSbo));
-      sm90::wgmma_commit();
+        for (int ks = 0; ks < cols / 16; ++ks)
+          sm90::WgmmaSS<64, Tr::kF16>::run(sacc, sm90::make_desc(q_part + ks * 256, 128, kQSbo),
+                                           sm90::make_desc(sKt + ks * 256, 128, k_sbo));
+        sm90::wgmma_commit();
+      }
       sm90::wgmma_wait<0>();
       sm90::fence_regs(sacc);
 

@@ -100,16 +100,21 @@ __host__ __device__ inline SmemLayout make_smem_layout(int DHQK, int L) {
 }
 
 // ---- sm_90a kernel (hintra_sm90.cuh): wgmma, one warpgroup per 64 query rows. ----
-template <typename T_, int BDV>
+// kWide: the layout for wide heads (DHQK above kKPart, e.g. xLSTM-7B's 256), which keeps three
+// blocks per SM: K comes in parts of kKPart columns, and phase 1 (C landing ring + C_hi/C_lo)
+// shares one region with phase 2 (K part + V) and the epilogue, with a 2-deep landing ring.
+template <typename T_, int BDV, bool kWide_ = false>
 struct Sm90Traits {
   using T = T_;
   static constexpr bool kF16 = std::is_same_v<T, __half>;
+  static constexpr bool kWide = kWide_;
   static constexpr int kThreads = 128;  // one warpgroup
   static constexpr int kRows = 64;      // query rows per block = wgmma M
   static constexpr int kKeys = 64;      // keys per causal block = N of Q K^T
   static constexpr int kBDV = BDV;      // DHHV columns per block
   static constexpr int kCRows = 16;     // C rows per stage = one wgmma k step
-  static constexpr int kStages = MLSTM_EXT_SM90_STAGES;
+  static constexpr int kKPart = 128;    // K columns per part (kWide)
+  static constexpr int kStages = kWide ? 2 : MLSTM_EXT_SM90_STAGES;
   static constexpr int kMinBlocks = MLSTM_EXT_SM90_MINB;
   static constexpr int kCPieces = kCRows * BDV / 4;  // float4 pieces of one C stage
   static_assert(kCPieces % kThreads == 0, "C stage must split evenly over the threads");
@@ -117,6 +122,7 @@ struct Sm90Traits {
 
 struct Sm90Layout {
   int dqk_pad;     // DHQK rounded up to two wgmma k steps (32)
+  int k_cols;      // K columns held at once: dqk_pad, or kKPart (kWide)
   int q_off;       // Q tile, core-matrix layout (K-major)
   int land_off;    // C landing ring (phase 1) ...
   int kt_off;      // ... shared with the K and V tiles (phase 2) and the H tile (epilogue)
@@ -135,6 +141,7 @@ template <class Tr>
 __host__ __device__ inline Sm90Layout make_sm90_layout(int DHQK, int L) {
   Sm90Layout s;
   s.dqk_pad = round_up(DHQK, 32);  // even number of 16-wide k steps and 16-byte chunks
+  s.k_cols = Tr::kWide && s.dqk_pad > Tr::kKPart ? Tr::kKPart : s.dqk_pad;
   int off = 0;
   s.q_off = off;
   off += round_up(Tr::kRows * s.dqk_pad * 2, 128);
@@ -142,16 +149,24 @@ __host__ __device__ inline Sm90Layout make_sm90_layout(int DHQK, int L) {
   s.land_row = Tr::kBDV * 4 + 16;
   s.land_stage = Tr::kCRows * s.land_row + Tr::kCRows * 4;
   const int land = Tr::kStages * s.land_stage;
-  const int kv = Tr::kKeys * s.dqk_pad * 2 + Tr::kKeys * Tr::kBDV * 2;
+  const int kv = Tr::kKeys * s.k_cols * 2 + Tr::kKeys * Tr::kBDV * 2;
   s.h_row = (Tr::kBDV + 8) * 2;
   const int ht = Tr::kRows * s.h_row + 2 * Tr::kRows * 4;  // H tile + vecN, vecM (epilogue)
-  int stream = land > ht ? land : ht;
-  stream = stream > kv ? stream : kv;
-  s.kt_off = off;
-  s.vt_off = s.kt_off + Tr::kKeys * s.dqk_pad * 2;
-  s.hl_off = off + round_up(stream, 128);
   s.hl_half = Tr::kCRows * Tr::kBDV * 2;
-  off = s.hl_off + 4 * s.hl_half;
+  s.kt_off = off;
+  s.vt_off = s.kt_off + Tr::kKeys * s.k_cols * 2;
+  if constexpr (Tr::kWide) {  // one region: {landing ring, C_hi/C_lo} | {K part, V} | H tile
+    s.hl_off = off + round_up(land, 128);
+    int region = s.hl_off + 4 * s.hl_half - off;
+    region = region > kv ? region : kv;
+    region = region > ht ? region : ht;
+    off += round_up(region, 128);
+  } else {
+    int stream = land > ht ? land : ht;
+    stream = stream > kv ? stream : kv;
+    s.hl_off = off + round_up(stream, 128);
+    off = s.hl_off + 4 * s.hl_half;
+  }
   s.gate_off = off;
   off += kGateArrays * round_up(L, Tr::kKeys) * 4;
   s.row_off = off;
