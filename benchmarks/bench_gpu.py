@@ -10,7 +10,7 @@ Tables, per case (shape, dtype):
     ``mlstm_chunkwise__parallel_fw_Hintra``: Triton best (the fastest of its default and a fixed
     sweep of launch configs, ~6 with --quick, ~16 with --full, each checked against float64 first
     and rejected above PEER_REJECT), Triton default, the PyTorch eager reference in the input
-    dtype, the bytes floor; on Hopper also our sm_80 kernel (MLSTM_EXT_SM90=0).
+    dtype, the bytes floor; on Hopper also our sm_80 kernel (the Hopper kernel switched off).
 (b) forward: the whole forward ``torch.ops.mlstm.chunkwise_fw`` against Triton's
     ``mlstm_chunkwise__xl_chunk`` forward (no grad, last states returned, as ours) and against our
     two ops in sequence (recurrent_fw_states + parallel_fw_hintra); the states step alone (ours and
@@ -285,17 +285,14 @@ def triton_hstep(run: Run, case: cs.Case, sets, refs, sl, deadline: float) -> di
     return out
 
 
-def with_env(name: str, value: str, fn):
-    """fn() with the environment variable set, restored after."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def with_sm80(fn):
+    """fn() with the Hopper kernel switched off. The library reads MLSTM_EXT_SM90 once, at its
+    first CUDA call, so the run-time switch is what turns it off here."""
+    old = torch.ops.mlstm._set_sm90_enabled(False)
     try:
         return fn()
     finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+        torch.ops.mlstm._set_sm90_enabled(old)
 
 
 def run_hstep(run: Run, case: cs.Case, sets, deadline: float) -> dict:
@@ -305,8 +302,8 @@ def run_hstep(run: Run, case: cs.Case, sets, deadline: float) -> dict:
     log("ours parallel_fw_hintra", rec["ours"])
     if (case.dtype != "fp32" and torch.ops.mlstm._built_with_sm90a()
             and torch.cuda.get_device_capability(run.dev) == (9, 0) and run.timed):
-        rec["ours_sm80"] = with_env("MLSTM_EXT_SM90", "0", lambda: run.time(lambda a: cs.hintra(a, L), sets))
-        log("ours, sm_80 kernel (MLSTM_EXT_SM90=0)", rec["ours_sm80"])
+        rec["ours_sm80"] = with_sm80(lambda: run.time(lambda a: cs.hintra(a, L), sets))
+        log("ours, sm_80 kernel (Hopper kernel switched off)", rec["ours_sm80"])
     if run.hintra is not None:
         rec["triton"] = triton_hstep(run, case, sets, refs, sl, deadline)
     if run.timed:
