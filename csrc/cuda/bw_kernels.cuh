@@ -335,8 +335,9 @@ __device__ __forceinline__ void store_with_inter(const float (&o)[NO][4], const 
 
 // ------------------------------------------------------------------------------------------------
 // bw_post: everything else, per chunk.
+// At L = 64 three blocks fit per SM (75 KB of shared memory each, 168 registers at most).
 template <typename T, int L>
-__global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
+__global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const BwParams p) {
   constexpr int NT = L / 8, NW = L / 16;
   using Lay = PostSmem<L>;
   constexpr int LdL = Lay::kLdL;
@@ -354,8 +355,6 @@ __global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
   float* cols = rows + L;              // column sums of dW o W
   float* qdot = cols + L;              // q_t . (dQ's inter-chunk term)
   float* kdot = qdot + L;              // k_s . (dK's inter-chunk term)
-  float* vec_a = kdot + L;             // a tile of n_k
-  float* vec_b = vec_a + kBwTile;      // a tile of the gradient of n_{k+1}
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
   const int64_t blk = blockIdx.x, pair = blk / p.NC;
@@ -433,7 +432,6 @@ __global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
   for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
     load_tile<T, L>(sA, Q + d0, p.DQ);
     load_tile<T, L>(sB, K + d0, p.DQ);
-    for (int c = threadIdx.x; c < kBwTile; c += blockDim.x) vec_a[c] = n_k[d0 + c], vec_b[c] = gn[d0 + c];
     cp_async_commit();
     float inter[NO][4], o[NO][4];
     // dH C_k^T and V G_{k+1}^T over the DHHV blocks (the first also waits for the Q and K tiles).
@@ -441,12 +439,12 @@ __global__ void __launch_bounds__(2 * L) bw_post_kernel(const BwParams p) {
     zero(o);
     warp_gemm<T, false, true, NO>(o, sDsp + warp * 16 * LdL, LdL, sB, kLd, 0, warp + 1);
     store_with_inter<T, NO>(o, inter, sA, static_cast<T*>(p.dq), row0, p.DQ, d0, t0, t1, qd0, qd1,
-                            [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * vec_a[d]); });
+                            [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * __ldg(n_k + d0 + d)); });
     rows_by_state<T, L, false>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sDsp + warp * 16, LdL, sA, kLd, warp, NW);
     store_with_inter<T, NO>(o, inter, sB, static_cast<T*>(p.dk), row0, p.DQ, d0, t0, t1, kd0, kd1,
-                            [&](int u, int d, float x) { return s.ga[u] * (x + vec_b[d]); });  // u: a key row
+                            [&](int u, int d, float x) { return s.ga[u] * (x + __ldg(gn + d0 + d)); });  // u: a key row
     __syncthreads();
   }
 
@@ -508,6 +506,11 @@ void launch_bw(const BwParams& p, bool post, cudaStream_t stream) {
   auto kernel = post ? bw_post_kernel<T, L> : bw_pre_kernel<T, L>;
   const int bytes = post ? PostSmem<L>::kBytes : PreSmem<L>::kBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  // bw_post at L = 64 fits three blocks per SM only with all of its shared memory configured.
+  if (post) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
+  }
   kernel<<<static_cast<unsigned>(p.num_blocks), 2 * L, bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

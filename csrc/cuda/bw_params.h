@@ -65,7 +65,7 @@ struct PostSmem {
   static constexpr int kInter = 2 * (L + kBwTile) * kLd * 2;
   static constexpr int kRegion = L * L * 4 > kInter ? L * L * 4 : kInter;
   static constexpr int kFloats = kFrag + kRegion;
-  static constexpr int kBytes = kFloats + ((kGateArrays + 4) * L + 2 * kBwTile) * 4;
+  static constexpr int kBytes = kFloats + (kGateArrays + 4) * L * 4;
 };
 
 // Whether one block of the kernels fits the device's shared memory per block (opt-in).
