@@ -3,7 +3,7 @@
 
     python3 benchmarks/bench_gpu.py [--quick | --full | --check-only] [--tables hstep,forward,fwbw]
                                     [--out PATH] [--budget-s S] [--seed N]
-    python3 benchmarks/bench_gpu.py --ab OLD_LIB,NEW_LIB [--quick | --full] [--rounds N]
+    python3 benchmarks/bench_gpu.py --ab OLD_LIB,NEW_LIB [--quick | --full] [--rounds N] [--ab-op OP]
 
 Tables, per case (shape, dtype):
 (a) hstep: the H step ``torch.ops.mlstm.parallel_fw_hintra`` against mlstm-kernels'
@@ -25,7 +25,8 @@ Tables, per case (shape, dtype):
 Cases (cases.py): (8,16,4096,128,128,64), (8,16,4096,128,128,128), (1,8,16384,256,512,128),
 (4,8,8192,256,512,64) in bf16; --full and --check-only add fp16 and fp32 at the first shape.
 --check-only: accuracy only, no timing. --budget-s bounds the Triton config sweep (each case gets
-its share). --ab: ab.py (the same H-step timing with two builds of the library, interleaved).
+its share). --ab: ab.py (one op, the H step unless --ab-op says forward or fwbw, timed with two
+builds of the library, interleaved).
 
 Timing (timing.py): CUDA events, median after warm-up, rotating among input sets that together
 exceed 2.5x L2; floors: bytes that must move (cases.py) over the measured copy bandwidth.
@@ -95,8 +96,10 @@ def parse_args(argv=None):
                    help="time for the Triton config sweeps (default 150 quick, 330 full)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--ab", default=None, metavar="OLD_LIB,NEW_LIB",
-                   help="A/B: time the H step with two builds of the library (ab.py)")
+                   help="A/B: time one op with two builds of the library (ab.py)")
     p.add_argument("--rounds", type=int, default=3, help="--ab: subprocesses per library")
+    p.add_argument("--ab-op", choices=["hstep", "forward", "fwbw"], default="hstep",
+                   help="--ab: the op timed (fwbw: chunkwise_fw then chunkwise_bw)")
     args = p.parse_args(argv)
     args.tables = [t.strip() for t in args.tables.split(",") if t.strip()]
     for t in args.tables:
@@ -489,7 +492,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.ab:
         import ab
-        return ab.run_ab(args.ab.split(","), args.mode, args.rounds, args.seed, args.out)
+        return ab.run_ab(args.ab.split(","), args.mode, args.rounds, args.seed, args.out, args.ab_op)
     why = cannot_run()
     if why:
         print(f"bench_gpu.py: {why}. Nothing was run.", file=sys.stderr)

@@ -18,7 +18,8 @@
 #            bench    benchmarks/bench_gpu.py --quick (BENCH=full: --full; BENCH=check:
 #                     --check-only); $BENCH_ARGS added (e.g. "--tables hstep"); then
 #                     benchmarks/bench_step.py (the generation step), bench_step.md in $OUT
-#            ab       A/B of the H step, old build against new: builds the tree in $AB_BASE (default
+#            ab       A/B of one op (the H step; AB_ARGS="--ab-op fwbw": forward + backward), old
+#                     build against new: builds the tree in $AB_BASE (default
 #                     .ab_base: a copy of older sources in an ignored folder, e.g.
 #                     `mkdir -p .ab_base && git archive OLD_COMMIT | tar -x -C .ab_base`) with
 #                     `python setup.py build_ext --inplace` there ($AB_NVCC_FLAGS added to its nvcc
