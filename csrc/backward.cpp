@@ -339,7 +339,12 @@ void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, Bac
 
   auto group = run_group;
 #ifdef MLSTM_EXT_WITH_CUDA
-  if (fused_backward_cuda_usable(a)) group = run_group_fused;
+  if (fused_backward_cuda_usable(a)) {
+    group = run_group_fused;
+    // Its kernels read dH in the inputs' dtype: another dtype is rounded to it once here (the
+    // batched-GEMM path rounds its 16-bit operands the same way).
+    if (p.dH.scalar_type() != in) p.dH = p.dH.to(in);
+  }
 #endif
   const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, group != run_group));
   const int64_t G_max = std::clamp<int64_t>(workspace_cap(s, BH) / per, 1, BH);

@@ -336,6 +336,24 @@ def test_cuda_fused_hostile(seed, case):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("dh_dtype", [F32, F64, F16], ids=["f32", "f64", "f16"])
+def test_cuda_fused_other_dh_dtype(seed, dh_dtype):
+    """An incoming dH in another dtype than the bf16 inputs (a direct op call; autograd passes H's
+    own) reaches the fused kernels rounded to bf16: the gradients of dH.bfloat16(), not those of
+    its bytes read as bf16."""
+    args, _ = cuda_case(FUSED_SHAPES[0], BF16, "exact", seed)
+    qkvif, st, dH, dC, dN, L, mode = args
+    dH_wide = dH.float().add_(torch.randn_like(dH, dtype=torch.float32) * 1e-3).to(dh_dtype)
+    got = run_bw(qkvif, st, dH_wide, dC, dN, L, mode)
+    want = run_bw(qkvif, st, dH_wide.to(BF16), dC, dN, L, mode)
+    for name, a, b in zip(GRADS, got, want):
+        # Equal up to the order of bw_post's atomic column sums (di, df).
+        err = rel_norm_err(a.double().cpu(), b.double().cpu())
+        assert torch.isfinite(a).all() and err <= 1e-5, f"{name}: {err:.2e}"
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_float64_refused():
     a = {k: v.double().cuda() if isinstance(v, torch.Tensor) else v for k, v in _valid_args().items()}
     with pytest.raises(RuntimeError, match="float64 inputs run on the CPU only"):
