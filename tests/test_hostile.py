@@ -194,6 +194,43 @@ def test_large_m_state_random(device, seed, dtype, eps):
     check(run(args, device, L, eps=eps, output_dtype=F64), refs, device, dtype)
 
 
+@pytest.mark.parametrize("case", ["huge_forget", "large_m_eps0", "nan_gate", "nan_v"])
+@pytest.mark.parametrize("L", [64, 128])
+def test_wide_heads_hostile(device, seed, case, L):
+    """xLSTM-7B's DHQK (256): on an H100 / H200, 16-bit inputs run the Hopper kernel's wide-head
+    layout (K in parts, one shared region); the hostile cases above at that width: huge negative
+    forget gates, zero states under m = 110 with eps = 0, a NaN gate, a NaN row of v."""
+    B, NH, S, DHQK, DHHV = 1, 2, 2 * L, 256, 128
+    gen = torch.Generator().manual_seed(seed)
+    i, f, states, m_state, eps = 3.0 * torch.randn(B, NH, S, generator=gen), None, "recurrent", None, 1e-6
+    if case == "huge_forget":
+        f = torch.where(torch.rand(B, NH, S, generator=gen) < 0.3, torch.full((B, NH, S), -1e30),
+                        3.0 + torch.randn(B, NH, S, generator=gen))
+    elif case == "large_m_eps0":
+        i, f, states, m_state, eps = torch.zeros(B, NH, S), torch.full((B, NH, S), 10.0), "zero", 110.0, 0.0
+    args = build(seed, S=S, L=L, B=B, NH=NH, DHQK=DHQK, DHHV=DHHV, dtype=BF16, i=i, f=f, states=states,
+                 m_state=m_state)
+    refs = reference(args, L, eps=eps)
+    if case == "nan_gate":
+        args[3][:, 0, L + 5] = NAN
+        refs = reference(args, L, eps=eps)
+    elif case == "nan_v":  # rows from r on in its chunk turn NaN, the rest keeps the clean values
+        r = L + 7
+        args[2][:, 1, r] = NAN
+        matH = run(args, device, L, eps=eps, output_dtype=F64)[0]
+        keep = torch.ones(S, dtype=torch.bool)
+        keep[r:2 * L] = False
+        assert_like(matH[:, 0], refs[0][:, 0], tol_for(device, BF16)[0], "matH, the other head")
+        assert_like(matH[:, 1, keep], refs[0][:, 1, keep], tol_for(device, BF16)[0], "matH, clean rows")
+        assert (~torch.isfinite(matH[:, 1, ~keep])).all()
+        return
+    outs = run(args, device, L, eps=eps, output_dtype=F64)
+    checked = outs
+    if device == "cuda" and case == "large_m_eps0":  # vecN below float32's range reads 0 on CUDA
+        checked = (outs[0], refs[1], outs[2])
+    check(checked, refs, device, BF16)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. qk_scale and eps must fit the compute type.
 
