@@ -43,6 +43,9 @@ def fwbw(x, L):
                                         chunk_size=L)[:5]
 
 
+OP_NAMES = ("hstep", "forward", "fwbw")  # the keys of op_table
+
+
 def op_table(op: str):
     import accuracy as acc
     import cases as cs
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=["quick", "full"], default="quick")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--op", choices=["hstep", "forward", "fwbw"], default="hstep")
+    p.add_argument("--op", choices=OP_NAMES, default="hstep")
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)

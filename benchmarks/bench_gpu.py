@@ -54,6 +54,7 @@ if REPO not in sys.path:
 
 import torch
 
+import ab
 import accuracy as acc
 import cases as cs
 import peers
@@ -98,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--ab", default=None, metavar="OLD_LIB,NEW_LIB",
                    help="A/B: time one op with two builds of the library (ab.py)")
     p.add_argument("--rounds", type=int, default=3, help="--ab: subprocesses per library")
-    p.add_argument("--ab-op", choices=["hstep", "forward", "fwbw"], default="hstep",
+    p.add_argument("--ab-op", choices=ab.OP_NAMES, default="hstep",
                    help="--ab: the op timed (fwbw: chunkwise_fw then chunkwise_bw)")
     args = p.parse_args(argv)
     args.tables = [t.strip() for t in args.tables.split(",") if t.strip()]
@@ -491,7 +492,6 @@ def cannot_run():
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.ab:
-        import ab
         return ab.run_ab(args.ab.split(","), args.mode, args.rounds, args.seed, args.out, args.ab_op)
     why = cannot_run()
     if why:

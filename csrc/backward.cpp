@@ -22,6 +22,9 @@
 namespace mlstm {
 namespace {
 
+// Entries of one (batch, head) pair's NC + 1 states (C, n, m).
+int64_t state_entries(const StatesArgs& s) { return (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1); }
+
 // The workspace cap: MLSTM_EXT_BACKWARD_WORKSPACE_MB if set, else 640 MiB or, where more, the
 // bytes of the float32 states of every pair, which the forward held at its own peak, so that a
 // workspace no larger keeps the backward's peak near the forward's (H200, (4, 8, 8192, 256, 512,
@@ -31,8 +34,7 @@ int64_t workspace_cap(const StatesArgs& s, int64_t BH) {
   const char* v = std::getenv("MLSTM_EXT_BACKWARD_WORKSPACE_MB");
   const long long mb = v != nullptr ? std::atoll(v) : 0;
   if (mb > 0) return static_cast<int64_t>(mb) << 20;
-  const int64_t forward_states = 4 * BH * (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1);
-  return std::max<int64_t>(int64_t{640} << 20, forward_states);
+  return std::max<int64_t>(int64_t{640} << 20, 4 * BH * state_entries(s));
 }
 
 // Workspace of one (batch, head) pair in bytes, as run_group holds it at its peak: the states,
@@ -42,7 +44,7 @@ int64_t workspace_cap(const StatesArgs& s, int64_t BH) {
 // The fused CUDA path (run_group_fused) holds the float32 states and their gradients, and per
 // position bw_pre's Qs and dnsum.
 int64_t workspace_per_pair(const StatesArgs& s, bool fused) {
-  const int64_t states = (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1);
+  const int64_t states = state_entries(s);
   if (fused) return 8 * states + 2 * s.S * (s.DHQK + 8);
   return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 16) + 16 * s.NC * s.L * s.L;
 }
