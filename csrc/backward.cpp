@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <vector>
 
@@ -119,6 +120,18 @@ at::Tensor log_forget(const at::Tensor& F) {
   return at::where(lf.isinf(), lf, lf.clamp_min(kMinLogForget));
 }
 
+// The gradients of the group's initial states (outputs) and of its last states (undefined: zero),
+// (g, E) and (g, DQ).
+struct BorderGrads {
+  at::Tensor dC0, dN0, dCl, dNl;
+};
+BorderGrads border_grads(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
+  return {std::get<5>(out).view({p.BH, p.DQ * p.DV}).narrow(0, g0, g),
+          std::get<6>(out).view({p.BH, p.DQ}).narrow(0, g0, g),
+          p.dCl.defined() ? p.dCl.narrow(0, g0, g) : at::Tensor(),
+          p.dNl.defined() ? p.dNl.narrow(0, g0, g) : at::Tensor()};
+}
+
 // Back through the recurrence for the g pairs from g0 (both paths): X[k], the gradient reaching
 // state k from chunk k's rows, becomes the gradient of state k+1 (Xn likewise for n), and the
 // initial states' gradients go to their outputs. Returns decay_k <(C_k, n_k), G_{k+1}>, the
@@ -126,13 +139,10 @@ at::Tensor log_forget(const at::Tensor& F) {
 at::Tensor scan_back(const Plan& p, int64_t g0, int64_t g, at::Tensor& X, at::Tensor& Xn,
                      const at::Tensor& decay, const at::Tensor& C_all, const at::Tensor& N_all,
                      BackwardOutputs& out) {
+  BorderGrads b = border_grads(p, g0, g, out);
   const int64_t E = p.DQ * p.DV;
-  at::Tensor dC0 = std::get<5>(out).view({p.BH, E}).narrow(0, g0, g);
-  at::Tensor dN0 = std::get<6>(out).view({p.BH, p.DQ}).narrow(0, g0, g);
-  const at::Tensor dCl = p.dCl.defined() ? p.dCl.narrow(0, g0, g) : at::Tensor();
-  const at::Tensor dNl = p.dNl.defined() ? p.dNl.narrow(0, g0, g) : at::Tensor();
-  const at::Tensor dots_C = reverse_state_scan(X, decay, dCl, dC0, C_all, (p.NC + 1) * E);
-  const at::Tensor dots_n = reverse_state_scan(Xn, decay, dNl, dN0, N_all, (p.NC + 1) * p.DQ);
+  const at::Tensor dots_C = reverse_state_scan(X, decay, b.dCl, b.dC0, C_all, (p.NC + 1) * E);
+  const at::Tensor dots_n = reverse_state_scan(Xn, decay, b.dNl, b.dN0, N_all, (p.NC + 1) * p.DQ);
   return decay * (dots_C.sum(-1) + dots_n.sum(-1));
 }
 
@@ -254,8 +264,15 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
 }
 
 #ifdef MLSTM_EXT_WITH_CUDA
+// MLSTM_EXT_GRAM_SCAN=0 takes the fused path's C scan back to a cuBLAS GEMM and the plain scan
+// (A/B and tests; read at every call).
+bool gram_scan_enabled() {
+  const char* v = std::getenv("MLSTM_EXT_GRAM_SCAN");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // The same gradients on CUDA through the fused per-chunk kernels (csrc/cuda/bw_params.h): bw_pre,
-// the GEMM into the states' gradient and the reverse scan, bw_post.
+// the reverse scan of the states' gradients with the chunk products inside (scan_gram.cu), bw_post.
 void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const int64_t NC = p.NC, L = p.L, DQ = p.DQ, DV = p.DV, E = DQ * DV;
   const at::ScalarType ct = p.ct, lp = p.lp;
@@ -283,12 +300,21 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out)
   t.Xn = at::empty({g, NC, DQ}, f32);
   fused_backward_cuda(t, p.a, false);
 
-  // The gradient reaching state k from chunk k's rows, then back through the recurrence: X[k]
-  // becomes the gradient of state k+1 (and Xn that of n_{k+1}).
-  at::Tensor X = bmm(t.Qs.view({g * NC, L, DQ}).transpose(1, 2), t.dH.view({g * NC, L, DV}), lp, ct)
-                     .view({g, NC, E});
-  t.last_row = scan_back(p, g0, g, X, t.Xn, decay, C_all, N_all, out).contiguous();
-  t.C_all = C_all, t.G = X, t.Gn = t.Xn;
+  // Back through the recurrence: the gradient reaching state k from chunk k's rows (for C:
+  // X_k = Qs_k^T dH_k) becomes the gradient of state k+1 (G, and Gn for n).
+  at::Tensor G;
+  if (gram_scan_enabled()) {
+    // X_k formed inside the scan (csrc/cuda/scan_gram.cu): never written to memory.
+    BorderGrads b = border_grads(p, g0, g, out);
+    G = at::empty({g, NC, E}, f32);
+    const at::Tensor dots_C = gram_scan_cuda(t.Qs, t.dH, decay, b.dCl, b.dC0, C_all, (NC + 1) * E, G);
+    const at::Tensor dots_n = reverse_state_scan(t.Xn, decay, b.dNl, b.dN0, N_all, (NC + 1) * DQ);
+    t.last_row = (decay * (dots_C.sum(-1) + dots_n.sum(-1))).contiguous();
+  } else {  // cuBLAS for X, then the plain scan
+    G = bmm(t.Qs.view({g * NC, L, DQ}).transpose(1, 2), t.dH.view({g * NC, L, DV}), lp, ct).view({g, NC, E});
+    t.last_row = scan_back(p, g0, g, G, t.Xn, decay, C_all, N_all, out).contiguous();
+  }
+  t.C_all = C_all, t.G = G, t.Gn = t.Xn;
   t.dQ = std::get<0>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
   t.dK = std::get<1>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
   t.dV = std::get<2>(out).view({p.BH, p.S, DV}).narrow(0, g0, g);

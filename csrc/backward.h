@@ -56,6 +56,11 @@ at::Tensor reverse_state_scan_cpu(at::Tensor& X, const at::Tensor& decay, const 
 #ifdef MLSTM_EXT_WITH_CUDA
 at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const at::Tensor& last,
                                    at::Tensor& first, const at::Tensor& states, int64_t states_stride_g);
+// The same scan for C with X_k = Qs_k^T dH_k formed inside (csrc/cuda/scan_gram.cu): Qs (G, S,
+// DQ) and dH (G, S, DV) 16-bit; G_out (G, NC, DQ * DV) gets what X holds on exit above.
+at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& dH, const at::Tensor& decay,
+                          const at::Tensor& last, at::Tensor& first, const at::Tensor& states,
+                          int64_t states_stride_g, at::Tensor& G_out);
 #endif
 
 #ifdef MLSTM_EXT_WITH_CUDA

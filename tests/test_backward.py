@@ -299,6 +299,33 @@ def test_cuda_fused_matches_unfused_and_float64(seed, dtype, grad_mode, shape, m
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", FUSED_SHAPES[:2] + [(2, 2, 128, 192, 64, 64)], ids=str)
+def test_cuda_gram_scan_matches_gemm_scan(seed, shape, monkeypatch):
+    """The fused path's C-gradient scan with the chunk products inside (csrc/cuda/scan_gram.cu)
+    against a cuBLAS GEMM then the plain scan (MLSTM_EXT_GRAM_SCAN=0) on the same inputs, with
+    initial states and incoming state gradients, outputs in NaN-poisoned memory, in one group and
+    in groups of one pair (the initial and last states' slices at g0 > 0)."""
+    args, want = cuda_case(shape, BF16, "exact", seed)
+    monkeypatch.setenv("MLSTM_EXT_GRAM_SCAN", "0")
+    base = run_bw(*args)
+    monkeypatch.delenv("MLSTM_EXT_GRAM_SCAN")
+    for cap in (None, "1"):
+        if cap is not None:
+            monkeypatch.setenv("MLSTM_EXT_BACKWARD_WORKSPACE_MB", cap)
+        junk = torch.full((256 << 20,), float("nan"), device="cuda")
+        del junk
+        got = run_bw(*args)
+        check_all(got, want, CUDA_TOL[BF16], f"gram scan, cap {cap}")
+        for name, a, b in zip(GRADS, got, base):
+            # The same 16-bit products summed in another order: float32 rounding, then for dQ, dK,
+            # dV, dI, dF an occasional other 16-bit rounding of a G entry in bw_post.
+            err = rel_norm_err(a.double().cpu(), b.double().cpu())
+            tol = 1e-5 if name in ("dC0", "dN0") else 2e-3
+            assert torch.isfinite(a).all() and err <= tol, f"cap {cap} {name}: {err:.2e}"
+
+
+@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("case", ["wide", "huge", "eps0", "large_m"])
 def test_cuda_fused_hostile(seed, case):
     """The fused kernels on hostile gates: wide input gates and strong forgetting, huge negative

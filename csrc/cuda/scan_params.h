@@ -26,4 +26,33 @@ struct ScanParams {
 
 void launch_reverse_state_scan(const ScanParams& p, cudaStream_t stream);
 
+// The same reverse scan for the C states of the fused backward with the chunk products inside
+// (scan_gram.cu): X_k = Qs_k^T dH_k is formed per chunk in mma accumulators and never reaches
+// memory. One block of kGramThreads per (pair, kGramTile rows of DQ, kGramTile columns of DV);
+// rows are contiguous, DQ and DV multiples of kGramTile, S = NC * L, L a multiple of kGramBL.
+constexpr int kGramThreads = 128;  // 4 warps x 16 rows of the tile
+constexpr int kGramTile = 64;
+constexpr int kGramBL = 64;        // sequence positions per ring stage
+constexpr int kGramStages = 3;
+constexpr int kGramWarpsPerBlock = kGramThreads / 32;
+
+struct GramScanParams {
+  const void* qs;       // (G, S, DQ), the inputs' 16-bit dtype: bw_pre's Qs
+  const void* dh;       // (G, S, DV), the same dtype
+  const float* decay;   // (G, NC)
+  const float* last;    // (G, DQ * DV) or nullptr (zeros): the gradient of C_NC
+  const float* states;  // C_k of pair g at states + g * states_stride_g + k * DQ * DV
+  int64_t states_stride_g;
+  float* G;             // (G, NC, DQ * DV) out: slot k holds the gradient of C_{k+1}
+  float* first;         // (G, DQ * DV) out: the gradient of C_0
+  float* dots;          // (G, NC, warps_per_pair): per-warp partials of <C_k, G_{k+1}>
+  int64_t num_pairs, S;
+  int NC, L, DQ, DV;
+  int n_qkt, n_hvt;     // tiles of DQ and DV per pair
+  int warps_per_pair;   // n_qkt * n_hvt * kGramWarpsPerBlock
+};
+
+// is_bf16: bfloat16 rows, else float16.
+void launch_gram_scan(const GramScanParams& p, bool is_bf16, cudaStream_t stream);
+
 }  // namespace mlstm::cuda
