@@ -26,27 +26,31 @@ namespace {
 // Entries of one (batch, head) pair's NC + 1 states (C, n, m).
 int64_t state_entries(const StatesArgs& s) { return (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1); }
 
-// The workspace cap: MLSTM_EXT_BACKWARD_WORKSPACE_MB if set, else 640 MiB or, where more, the
+// The workspace cap: MLSTM_EXT_BACKWARD_WORKSPACE_MB if set, else 512 MiB or, where more, the
 // bytes of the float32 states of every pair, which the forward held at its own peak, so that a
 // workspace no larger keeps the backward's peak near the forward's (H200, (4, 8, 8192, 256, 512,
 // 64): 3 groups instead of 8, forward + backward 15% faster, peak unchanged). Small groups leave
-// the states kernel a block per SM or less, where it is latency-bound.
+// the states kernel a block per SM or less, where it is latency-bound. 512, not 640: with the
+// fused path's 16-bit state gradients, 640 MiB took all 128 pairs of (8, 16, 4096, 128, 128, 128)
+// in one group of 535 MiB and the peak of forward + backward passed Triton's (H200: 1195 MiB
+// against 1182).
 int64_t workspace_cap(const StatesArgs& s, int64_t BH) {
   const char* v = std::getenv("MLSTM_EXT_BACKWARD_WORKSPACE_MB");
   const long long mb = v != nullptr ? std::atoll(v) : 0;
   if (mb > 0) return static_cast<int64_t>(mb) << 20;
-  return std::max<int64_t>(int64_t{640} << 20, 4 * BH * state_entries(s));
+  return std::max<int64_t>(int64_t{512} << 20, 4 * BH * state_entries(s));
 }
 
 // Workspace of one (batch, head) pair in bytes, as run_group holds it at its peak: the states,
 // their gradients and 16-bit copies of both; per-position rows of the head dims (float32
 // gradients, scaled 16-bit operands) and of the gates; three float32 L x L matrices per chunk and
 // a float64 one (the spans of the gates).
-// The fused CUDA path (run_group_fused) holds the float32 states and their gradients, and per
-// position bw_pre's Qs and dnsum.
-int64_t workspace_per_pair(const StatesArgs& s, bool fused) {
+// The fused CUDA path (run_group_fused) holds the float32 states and their gradients in 16 bits
+// (with MLSTM_EXT_GRAM_SCAN=0 in float32 too, then 16 bits), and per position bw_pre's Qs and
+// dnsum.
+int64_t workspace_per_pair(const StatesArgs& s, bool fused, bool gram) {
   const int64_t states = state_entries(s);
-  if (fused) return 8 * states + 2 * s.S * (s.DHQK + 8);
+  if (fused) return (gram ? 6 : 10) * states + 2 * s.S * (s.DHQK + 8);
   return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 16) + 16 * s.NC * s.L * s.L;
 }
 
@@ -306,13 +310,14 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out)
   if (gram_scan_enabled()) {
     // X_k formed inside the scan (csrc/cuda/scan_gram.cu): never written to memory.
     BorderGrads b = border_grads(p, g0, g, out);
-    G = at::empty({g, NC, E}, f32);
+    G = at::empty({g, NC, E}, t.Q.options());  // 16-bit, as bw_post multiplies it
     const at::Tensor dots_C = gram_scan_cuda(t.Qs, t.dH, decay, b.dCl, b.dC0, C_all, (NC + 1) * E, G);
     const at::Tensor dots_n = reverse_state_scan(t.Xn, decay, b.dNl, b.dN0, N_all, (NC + 1) * DQ);
     t.last_row = (decay * (dots_C.sum(-1) + dots_n.sum(-1))).contiguous();
   } else {  // cuBLAS for X, then the plain scan
     G = bmm(t.Qs.view({g * NC, L, DQ}).transpose(1, 2), t.dH.view({g * NC, L, DV}), lp, ct).view({g, NC, E});
     t.last_row = scan_back(p, g0, g, G, t.Xn, decay, C_all, N_all, out).contiguous();
+    G = G.to(lp);
   }
   t.C_all = C_all, t.G = G, t.Gn = t.Xn;
   t.dQ = std::get<0>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
@@ -374,7 +379,11 @@ void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, Bac
     if (p.dH.scalar_type() != in) p.dH = p.dH.to(in);
   }
 #endif
-  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, group != run_group));
+  bool gram = false;
+#ifdef MLSTM_EXT_WITH_CUDA
+  gram = gram_scan_enabled();
+#endif
+  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, group != run_group, gram));
   const int64_t G_max = std::clamp<int64_t>(workspace_cap(s, BH) / per, 1, BH);
   const int64_t G = (BH + (BH + G_max - 1) / G_max - 1) / ((BH + G_max - 1) / G_max);  // balanced
   for (int64_t g0 = 0; g0 < BH; g0 += G) group(p, g0, std::min(G, BH - g0), out);

@@ -57,7 +57,8 @@ at::Tensor reverse_state_scan_cpu(at::Tensor& X, const at::Tensor& decay, const 
 at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const at::Tensor& last,
                                    at::Tensor& first, const at::Tensor& states, int64_t states_stride_g);
 // The same scan for C with X_k = Qs_k^T dH_k formed inside (csrc/cuda/scan_gram.cu): Qs (G, S,
-// DQ) and dH (G, S, DV) 16-bit; G_out (G, NC, DQ * DV) gets what X holds on exit above.
+// DQ) and dH (G, S, DV) 16-bit; G_out (G, NC, DQ * DV), their dtype, gets what X holds on exit
+// above, rounded to it (the dots come from the float32 values).
 at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& dH, const at::Tensor& decay,
                           const at::Tensor& last, at::Tensor& first, const at::Tensor& states,
                           int64_t states_stride_g, at::Tensor& G_out);
@@ -73,7 +74,8 @@ struct FusedBackwardTensors {
   at::Tensor Q, K, V, dH, H, I, F, den, m;  // the inputs and the forward's outputs
   at::Tensor M_all, N_all;                  // the recomputed m and n states (g, NC+1[, DQ])
   at::Tensor dnsum, Qs, Xn;                 // bw_pre's outputs
-  at::Tensor C_all, G, Gn, last_row;        // bw_post's other inputs (states and gradients)
+  at::Tensor C_all, G, Gn, last_row;        // bw_post's other inputs (states and gradients;
+                                            // G in the inputs' dtype, the others float32)
   at::Tensor dQ, dK, dV, dI, dF;            // bw_post's outputs
 };
 bool fused_backward_cuda_usable(const BackwardArgs& a);

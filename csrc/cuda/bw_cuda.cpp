@@ -35,7 +35,7 @@ void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, b
   p.m_states = f(t.M_all), p.n_states = f(t.N_all);
   p.dnsum = f(t.dnsum), p.qs = t.Qs.data_ptr(), p.xn = f(t.Xn);
   if (post) {
-    p.c_states = f(t.C_all), p.g_states = f(t.G), p.gn = f(t.Gn), p.last_row = f(t.last_row);
+    p.c_states = f(t.C_all), p.g_states = t.G.data_ptr(), p.gn = f(t.Gn), p.last_row = f(t.last_row);
     p.dq = t.dQ.data_ptr(), p.dk = t.dK.data_ptr(), p.dv = t.dV.data_ptr();
     p.di = f(t.dI), p.df = f(t.dF);
   }

@@ -5,8 +5,8 @@
 //            Qs = Q * gq * r whose product with dH is the gradient reaching state k, and
 //            Xn = sum_t gq[t] dnsum[t] q_t (the same for the n state).
 //   bw_post  (after the scan): the L x L work in registers and shared memory (S = Q K^T, P, W,
-//            dW = r dH V^T + dnsum, their products), the products with the float32 states C_k
-//            and G_{k+1}, then dQ, dK, dV, dI and dF.
+//            dW = r dH V^T + dnsum, their products), the products with the states C_k
+//            (float32) and G_{k+1} (16-bit), then dQ, dK, dV, dI and dF.
 //
 // Every tensor is contiguous over the group's g pairs: rows are (pair * S + position).
 // Plain header (no ATen).
@@ -30,7 +30,7 @@ struct BwParams {
   void* qs;                        // (g, S, DQ) 16-bit: bw_pre's Qs
   float* xn;                       // (g, NC, DQ): bw_pre's Xn
   const float* c_states;           // (g, NC + 1, DQ, DV): the recomputed C states
-  const float* g_states;           // (g, NC, DQ, DV): the gradient of C_{k+1} (after the scan)
+  const void* g_states;            // (g, NC, DQ, DV) 16-bit: the gradient of C_{k+1} (after the scan)
   const float* gn;                 // (g, NC, DQ): the gradient of n_{k+1} (after the scan)
   const float* last_row;           // (g, NC): decay * <state k, G_{k+1}>, C and n together
   void *dq, *dk, *dv;              // (g, S, D) outputs, 16-bit

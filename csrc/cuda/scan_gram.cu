@@ -4,13 +4,14 @@
 // them forward:
 //
 //   chunk k (from NC - 1 down to 0), with G = G_{k+1}:
-//     store G into slot k, dots <- <C_k, G> (per warp),
+//     store G into slot k (rounded to the inputs' 16-bit dtype: bw_post multiplies it in that
+//     dtype), dots <- <C_k, G> (per warp, from the float32 accumulators),
 //     G <- decay_k G + Qs_k^T dH_k
 //   after chunk 0: store G = G_0 into `first`.
 //
 // Before, cuBLAS wrote X_k = Qs_k^T dH_k for every chunk in float32 and the scan read it back and
-// rewrote it (16 bytes per state entry and chunk besides C); here X is never written: 8 bytes (C
-// read, G written) plus the Qs and dH rows. The products are the GEMM's (16-bit operands, float32
+// rewrote it (16 bytes per state entry and chunk besides C); here X is never written: 6 bytes (C
+// read, G written in 16 bits) plus the Qs and dH rows. The products are the GEMM's (16-bit operands, float32
 // accumulators); Qs_k^T is the A operand by ldmatrix .trans of the row-major rows, as K^T in the
 // states kernel.
 #include <c10/cuda/CUDAException.h>
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kGramThreads, 4) gram_scan_kernel(const GramSc
 
     if (j % n_sub == 0) {  // chunk start: acc holds G_{k+1}
       const int k = p.NC - 1 - j / n_sub;
-      store_acc(p.G + (pair * p.NC + k) * E + tile0, p.DV, acc, r0, tq);
+      store_acc(static_cast<T*>(p.G) + (pair * p.NC + k) * E + tile0, p.DV, acc, r0, tq);
       float dot = 0.f;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {

@@ -43,7 +43,8 @@ struct GramScanParams {
   const float* last;    // (G, DQ * DV) or nullptr (zeros): the gradient of C_NC
   const float* states;  // C_k of pair g at states + g * states_stride_g + k * DQ * DV
   int64_t states_stride_g;
-  float* G;             // (G, NC, DQ * DV) out: slot k holds the gradient of C_{k+1}
+  void* G;              // (G, NC, DQ * DV) out, the inputs' 16-bit dtype (what bw_post reads):
+                        // slot k holds the gradient of C_{k+1}
   float* first;         // (G, DQ * DV) out: the gradient of C_0
   float* dots;          // (G, NC, warps_per_pair): per-warp partials of <C_k, G_{k+1}>
   int64_t num_pairs, S;
