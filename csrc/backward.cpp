@@ -26,19 +26,19 @@ namespace {
 // Entries of one (batch, head) pair's NC + 1 states (C, n, m).
 int64_t state_entries(const StatesArgs& s) { return (s.NC + 1) * (s.DHQK * s.DHHV + s.DHQK + 1); }
 
-// The workspace cap: MLSTM_EXT_BACKWARD_WORKSPACE_MB if set, else 512 MiB or, where more, the
-// bytes of the float32 states of every pair, which the forward held at its own peak, so that a
-// workspace no larger keeps the backward's peak near the forward's (H200, (4, 8, 8192, 256, 512,
-// 64): 3 groups instead of 8, forward + backward 15% faster, peak unchanged). Small groups leave
-// the states kernel a block per SM or less, where it is latency-bound. 512, not 640: with the
-// fused path's 16-bit state gradients, 640 MiB took all 128 pairs of (8, 16, 4096, 128, 128, 128)
-// in one group of 535 MiB and the peak of forward + backward passed Triton's (H200: 1195 MiB
-// against 1182).
+// The workspace cap: MLSTM_EXT_BACKWARD_WORKSPACE_MB if set, else 512 MiB or, where more, twice
+// the bytes of the float32 states of every pair (which the forward held at its own peak). Small
+// groups leave the states kernel and the scans a block per SM or less, where they are
+// latency-bound: at (1, 8, 16384, 256, 512, 128) the fused path's 8 pairs (110 MB each) fit one
+// group under this cap, not under the forward's state bytes alone (NOTES.md, seventh session).
+// 512, not 640: with the fused path's 16-bit state gradients, 640 MiB took all 128 pairs of
+// (8, 16, 4096, 128, 128, 128) in one group of 535 MiB and the peak of forward + backward passed
+// Triton's (H200: 1195 MiB against 1182).
 int64_t workspace_cap(const StatesArgs& s, int64_t BH) {
   const char* v = std::getenv("MLSTM_EXT_BACKWARD_WORKSPACE_MB");
   const long long mb = v != nullptr ? std::atoll(v) : 0;
   if (mb > 0) return static_cast<int64_t>(mb) << 20;
-  return std::max<int64_t>(int64_t{512} << 20, 4 * BH * state_entries(s));
+  return std::max<int64_t>(int64_t{512} << 20, 8 * BH * state_entries(s));
 }
 
 // Workspace of one (batch, head) pair in bytes, as run_group holds it at its peak: the states,
