@@ -326,6 +326,30 @@ def test_cuda_gram_scan_matches_gemm_scan(seed, shape, monkeypatch):
 
 @requires_cuda
 @pytest.mark.cuda
+def test_cuda_state_gradients_at_odd_offsets(seed):
+    """Incoming gradients of the last states (float32, contiguous) that start 4 bytes past an
+    8-byte boundary: the gram scan reads dC_last in 8-byte pieces, so it must get an aligned copy;
+    the gradients equal those from aligned copies of the same values."""
+    args, _ = cuda_case(FUSED_SHAPES[0], BF16, "exact", seed)
+    qkvif, st, dH, dC, dN, L, mode = args
+
+    def at_odd_offset(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 8 == 4 and view.is_contiguous()
+        return view
+
+    want = run_bw(qkvif, st, dH, dC, dN, L, mode)
+    got = run_bw(qkvif, st, dH, at_odd_offset(dC), at_odd_offset(dN), L, mode)
+    torch.cuda.synchronize()
+    for name, a, b in zip(GRADS, got, want):
+        err = rel_norm_err(a.double().cpu(), b.double().cpu())
+        assert torch.isfinite(a).all() and err <= 1e-5, f"{name}: {err:.2e}"
+
+
+@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("case", ["wide", "huge", "eps0", "large_m"])
 def test_cuda_fused_hostile(seed, case):
     """The fused kernels on hostile gates: wide input gates and strong forgetting, huge negative

@@ -59,7 +59,9 @@ at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& dH, const at::
               num(DQ), ", DHHV = ", num(DV));
   TORCH_INTERNAL_ASSERT(Qs.is_contiguous() && dH.is_contiguous() && first.is_contiguous() &&
                         states.is_contiguous() && G_out.is_contiguous() && states_stride_g % 2 == 0);
-  const at::Tensor l = last.defined() ? last.to(at::kFloat).contiguous() : at::Tensor();
+  // The kernel reads `last` in 8-byte pieces: a caller's gradient at an odd float offset is copied.
+  at::Tensor l = last.defined() ? last.to(at::kFloat).contiguous() : at::Tensor();
+  if (l.defined() && reinterpret_cast<uintptr_t>(l.data_ptr()) % 8 != 0) l = l.clone();
   const at::Tensor d = decay.contiguous();
   cuda::GramScanParams p{};
   p.num_pairs = num_pairs, p.S = S;
