@@ -41,6 +41,13 @@ int64_t workspace_cap(const StatesArgs& s, int64_t BH) {
   return std::max<int64_t>(int64_t{512} << 20, 8 * BH * state_entries(s));
 }
 
+// MLSTM_EXT_GRAM_SCAN=0 takes the fused path's C scan back to a cuBLAS GEMM and the plain scan
+// (A/B and tests; read once per backward call, so that its workspace estimate and path agree).
+bool gram_scan_enabled() {
+  const char* v = std::getenv("MLSTM_EXT_GRAM_SCAN");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // Workspace of one (batch, head) pair in bytes, as run_group holds it at its peak: the states,
 // their gradients and 16-bit copies of both; per-position rows of the head dims (float32
 // gradients, scaled 16-bit operands) and of the gates; three float32 L x L matrices per chunk and
@@ -97,6 +104,7 @@ struct Plan {
   StatesKernel states_kernel;
   int64_t BH, S, DQ, DV, L, NC;
   at::ScalarType ct, lp;
+  bool gram_scan = false;  // the fused path's C scan: gram_scan_cuda, else a GEMM and the plain scan
   // (BH, ...) views of the inputs.
   at::Tensor Q, K, V, I, F, H, dH, den, m, C0, N0, M0, dCl, dNl;
   at::Tensor upper;  // (L, L): s > t, the entries no row reads
@@ -136,6 +144,15 @@ BorderGrads border_grads(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& 
           p.dNl.defined() ? p.dNl.narrow(0, g0, g) : at::Tensor()};
 }
 
+// The n states' part of the way back (Xn becomes the gradient of n_{k+1}, dN0 is written), joined
+// with the C states' partial dots: decay_k <(C_k, n_k), G_{k+1}>, the gradient of log decay_k
+// (g, NC).
+at::Tensor scan_n_back(const Plan& p, BorderGrads& b, at::Tensor& Xn, const at::Tensor& decay,
+                       const at::Tensor& N_all, const at::Tensor& dots_C) {
+  const at::Tensor dots_n = reverse_state_scan(Xn, decay, b.dNl, b.dN0, N_all, (p.NC + 1) * p.DQ);
+  return decay * (dots_C.sum(-1) + dots_n.sum(-1));
+}
+
 // Back through the recurrence for the g pairs from g0 (both paths): X[k], the gradient reaching
 // state k from chunk k's rows, becomes the gradient of state k+1 (Xn likewise for n), and the
 // initial states' gradients go to their outputs. Returns decay_k <(C_k, n_k), G_{k+1}>, the
@@ -144,10 +161,8 @@ at::Tensor scan_back(const Plan& p, int64_t g0, int64_t g, at::Tensor& X, at::Te
                      const at::Tensor& decay, const at::Tensor& C_all, const at::Tensor& N_all,
                      BackwardOutputs& out) {
   BorderGrads b = border_grads(p, g0, g, out);
-  const int64_t E = p.DQ * p.DV;
-  const at::Tensor dots_C = reverse_state_scan(X, decay, b.dCl, b.dC0, C_all, (p.NC + 1) * E);
-  const at::Tensor dots_n = reverse_state_scan(Xn, decay, b.dNl, b.dN0, N_all, (p.NC + 1) * p.DQ);
-  return decay * (dots_C.sum(-1) + dots_n.sum(-1));
+  const at::Tensor dots_C = reverse_state_scan(X, decay, b.dCl, b.dC0, C_all, (p.NC + 1) * p.DQ * p.DV);
+  return scan_n_back(p, b, Xn, decay, N_all, dots_C);
 }
 
 // Gradients of g pairs starting at g0, written into the outputs' slices.
@@ -268,13 +283,6 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
 }
 
 #ifdef MLSTM_EXT_WITH_CUDA
-// MLSTM_EXT_GRAM_SCAN=0 takes the fused path's C scan back to a cuBLAS GEMM and the plain scan
-// (A/B and tests; read at every call).
-bool gram_scan_enabled() {
-  const char* v = std::getenv("MLSTM_EXT_GRAM_SCAN");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
 // The same gradients on CUDA through the fused per-chunk kernels (csrc/cuda/bw_params.h): bw_pre,
 // the reverse scan of the states' gradients with the chunk products inside (scan_gram.cu), bw_post.
 void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
@@ -307,13 +315,12 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out)
   // Back through the recurrence: the gradient reaching state k from chunk k's rows (for C:
   // X_k = Qs_k^T dH_k) becomes the gradient of state k+1 (G, and Gn for n).
   at::Tensor G;
-  if (gram_scan_enabled()) {
+  if (p.gram_scan) {
     // X_k formed inside the scan (csrc/cuda/scan_gram.cu): never written to memory.
     BorderGrads b = border_grads(p, g0, g, out);
     G = at::empty({g, NC, E}, t.Q.options());  // 16-bit, as bw_post multiplies it
     const at::Tensor dots_C = gram_scan_cuda(t.Qs, t.dH, decay, b.dCl, b.dC0, C_all, (NC + 1) * E, G);
-    const at::Tensor dots_n = reverse_state_scan(t.Xn, decay, b.dNl, b.dN0, N_all, (NC + 1) * DQ);
-    t.last_row = (decay * (dots_C.sum(-1) + dots_n.sum(-1))).contiguous();
+    t.last_row = scan_n_back(p, b, t.Xn, decay, N_all, dots_C).contiguous();
   } else {  // cuBLAS for X, then the plain scan
     G = bmm(t.Qs.view({g * NC, L, DQ}).transpose(1, 2), t.dH.view({g * NC, L, DV}), lp, ct).view({g, NC, E});
     t.last_row = scan_back(p, g0, g, G, t.Xn, decay, C_all, N_all, out).contiguous();
@@ -379,11 +386,8 @@ void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, Bac
     if (p.dH.scalar_type() != in) p.dH = p.dH.to(in);
   }
 #endif
-  bool gram = false;
-#ifdef MLSTM_EXT_WITH_CUDA
-  gram = gram_scan_enabled();
-#endif
-  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, group != run_group, gram));
+  p.gram_scan = group != run_group && gram_scan_enabled();
+  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, group != run_group, p.gram_scan));
   const int64_t G_max = std::clamp<int64_t>(workspace_cap(s, BH) / per, 1, BH);
   const int64_t G = (BH + (BH + G_max - 1) / G_max - 1) / ((BH + G_max - 1) / G_max);  // balanced
   for (int64_t g0 = 0; g0 < BH; g0 += G) group(p, g0, std::min(G, BH - g0), out);

@@ -77,9 +77,9 @@ __device__ void stage_gates(const BwParams& p, int64_t pair, int chunk, const Ga
 }
 
 // kRows x kBwTile elements (L rows unless said) of a row-major global matrix (16-byte aligned
-// rows) into a tile of row stride kLd, by the kernel's 2L threads; the caller commits and waits. Unrolled, each thread
-// walking down the rows with one pointer: the copies of the H step measured costly as a rolled
-// loop with per-piece index arithmetic (benchmarks/NOTES.md).
+// rows) into a tile of row stride kLd, by the kernel's 2L threads; the caller commits and waits.
+// Unrolled, each thread walking down the rows with one pointer: the copies of the H step measured
+// costly as a rolled loop with per-piece index arithmetic (benchmarks/NOTES.md).
 template <typename T, int L, int kRows = L>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t g_stride) {
   constexpr int kE = 16 / sizeof(T);

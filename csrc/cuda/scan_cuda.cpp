@@ -50,7 +50,7 @@ at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& dH, const at::
   // reads whole tiles and 8-byte pieces without bounds.
   TORCH_CHECK((Qs.scalar_type() == at::kBFloat16 || Qs.scalar_type() == at::kHalf) &&
                   dH.scalar_type() == Qs.scalar_type() && decay.scalar_type() == at::kFloat &&
-                  G_out.scalar_type() == Qs.scalar_type(),
+                  G_out.scalar_type() == Qs.scalar_type() && states.scalar_type() == at::kFloat,
               "chunkwise_bw: the CUDA gram scan takes 16-bit Qs, dH and G_out of one dtype and float32 states");
   TORCH_CHECK(NC > 0 && S == NC * L && L % cuda::kGramBL == 0 && DQ % kGramTile == 0 && DV % kGramTile == 0 &&
                   dH.size(0) == num_pairs && dH.size(1) == S && NC * (L / cuda::kGramBL) < (int64_t(1) << 31),

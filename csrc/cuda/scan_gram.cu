@@ -11,9 +11,9 @@
 //
 // Before, cuBLAS wrote X_k = Qs_k^T dH_k for every chunk in float32 and the scan read it back and
 // rewrote it (16 bytes per state entry and chunk besides C); here X is never written: 6 bytes (C
-// read, G written in 16 bits) plus the Qs and dH rows. The products are the GEMM's (16-bit operands, float32
-// accumulators); Qs_k^T is the A operand by ldmatrix .trans of the row-major rows, as K^T in the
-// states kernel.
+// read, G written in 16 bits) plus the Qs and dH rows. The products are the GEMM's (16-bit
+// operands, float32 accumulators); Qs_k^T is the A operand by ldmatrix .trans of the row-major
+// rows, as K^T in the states kernel.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/mma.cuh"
