@@ -41,23 +41,32 @@ int64_t workspace_cap(const StatesArgs& s, int64_t BH) {
   return std::max<int64_t>(int64_t{512} << 20, 8 * BH * state_entries(s));
 }
 
-// MLSTM_EXT_GRAM_SCAN=0 takes the fused path's C scan back to a cuBLAS GEMM and the plain scan
-// (A/B and tests; read once per backward call, so that its workspace estimate and path agree).
-bool gram_scan_enabled() {
+// How the fused CUDA path forms the C states' gradients, from MLSTM_EXT_GRAM_SCAN (read once per
+// backward call, so that its workspace estimate and path agree; tests and A/B runs switch it in
+// one process). kGram (default): the gram scan (csrc/cuda/scan_gram.cu) with bw_pre's
+// Qs = Q diag(qscale) formed inside it; kGramQs ("qs"): the same scan reading a Qs that bw_pre
+// stores; kGemm ("0"): a cuBLAS GEMM, then the plain scan.
+enum class ScanMode { kGram, kGramQs, kGemm };
+ScanMode scan_mode() {
   const char* v = std::getenv("MLSTM_EXT_GRAM_SCAN");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v != nullptr && std::strcmp(v, "0") == 0) return ScanMode::kGemm;
+  if (v != nullptr && std::strcmp(v, "qs") == 0) return ScanMode::kGramQs;
+  return ScanMode::kGram;
 }
 
 // Workspace of one (batch, head) pair in bytes, as run_group holds it at its peak: the states,
 // their gradients and 16-bit copies of both; per-position rows of the head dims (float32
 // gradients, scaled 16-bit operands) and of the gates; three float32 L x L matrices per chunk and
 // a float64 one (the spans of the gates).
-// The fused CUDA path (run_group_fused) holds the float32 states and their gradients in 16 bits
-// (with MLSTM_EXT_GRAM_SCAN=0 in float32 too, then 16 bits), and per position bw_pre's Qs and
-// dnsum.
-int64_t workspace_per_pair(const StatesArgs& s, bool fused, bool gram) {
+// The fused CUDA path (run_group_fused) holds the float32 states, their gradients in 16 bits
+// (kGemm: in float32 too, then 16 bits), per position dnsum and qscale (kGram) or bw_pre's Qs
+// (the other modes), and Xn.
+int64_t workspace_per_pair(const StatesArgs& s, bool fused, ScanMode mode) {
   const int64_t states = state_entries(s);
-  if (fused) return (gram ? 6 : 10) * states + 2 * s.S * (s.DHQK + 8);
+  if (fused) {
+    const int64_t rows = mode == ScanMode::kGram ? 8 * s.S : 2 * s.S * (s.DHQK + 8);
+    return (mode == ScanMode::kGemm ? 10 : 6) * states + rows + 4 * s.NC * s.DHQK;
+  }
   return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 16) + 16 * s.NC * s.L * s.L;
 }
 
@@ -104,7 +113,6 @@ struct Plan {
   StatesKernel states_kernel;
   int64_t BH, S, DQ, DV, L, NC;
   at::ScalarType ct, lp;
-  bool gram_scan = false;  // the fused path's C scan: gram_scan_cuda, else a GEMM and the plain scan
   // (BH, ...) views of the inputs.
   at::Tensor Q, K, V, I, F, H, dH, den, m, C0, N0, M0, dCl, dNl;
   at::Tensor upper;  // (L, L): s > t, the entries no row reads
@@ -285,7 +293,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
 #ifdef MLSTM_EXT_WITH_CUDA
 // The same gradients on CUDA through the fused per-chunk kernels (csrc/cuda/bw_params.h): bw_pre,
 // the reverse scan of the states' gradients with the chunk products inside (scan_gram.cu), bw_post.
-void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
+void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out, ScanMode mode) {
   const int64_t NC = p.NC, L = p.L, DQ = p.DQ, DV = p.DV, E = DQ * DV;
   const at::ScalarType ct = p.ct, lp = p.lp;
   auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
@@ -308,18 +316,24 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out)
   t.M_all = M_all, t.N_all = N_all;
   const auto f32 = t.Q.options().dtype(ct);
   t.dnsum = at::empty({g, p.S}, f32);
-  t.Qs = at::empty({g, p.S, DQ}, t.Q.options());
+  if (mode == ScanMode::kGram) {
+    t.qscale = at::empty({g, p.S}, f32);
+  } else {
+    t.Qs = at::empty({g, p.S, DQ}, t.Q.options());
+  }
   t.Xn = at::empty({g, NC, DQ}, f32);
   fused_backward_cuda(t, p.a, false);
 
   // Back through the recurrence: the gradient reaching state k from chunk k's rows (for C:
   // X_k = Qs_k^T dH_k) becomes the gradient of state k+1 (G, and Gn for n).
   at::Tensor G;
-  if (p.gram_scan) {
+  if (mode != ScanMode::kGemm) {
     // X_k formed inside the scan (csrc/cuda/scan_gram.cu): never written to memory.
     BorderGrads b = border_grads(p, g0, g, out);
     G = at::empty({g, NC, E}, t.Q.options());  // 16-bit, as bw_post multiplies it
-    const at::Tensor dots_C = gram_scan_cuda(t.Qs, t.dH, decay, b.dCl, b.dC0, C_all, (NC + 1) * E, G);
+    const bool scaled = mode == ScanMode::kGram;
+    const at::Tensor dots_C = gram_scan_cuda(scaled ? t.Q : t.Qs, t.qscale, t.dH, decay, b.dCl, b.dC0, C_all,
+                                             (NC + 1) * E, G);
     t.last_row = scan_n_back(p, b, t.Xn, decay, N_all, dots_C).contiguous();
   } else {  // cuBLAS for X, then the plain scan
     G = bmm(t.Qs.view({g * NC, L, DQ}).transpose(1, 2), t.dH.view({g * NC, L, DV}), lp, ct).view({g, NC, E});
@@ -377,20 +391,29 @@ void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, Bac
   p.dNl = flat(a.vecDeltaN_last, {s.DHQK});
   p.upper = at::ones({s.L, s.L}, a.fw.matQ.options().dtype(at::kBool)).triu(1);
 
-  auto group = run_group;
+  const ScanMode mode = scan_mode();
+  bool fused = false;
 #ifdef MLSTM_EXT_WITH_CUDA
   if (fused_backward_cuda_usable(a)) {
-    group = run_group_fused;
+    fused = true;
     // Its kernels read dH in the inputs' dtype: another dtype is rounded to it once here (the
     // batched-GEMM path rounds its 16-bit operands the same way).
     if (p.dH.scalar_type() != in) p.dH = p.dH.to(in);
   }
 #endif
-  p.gram_scan = group != run_group && gram_scan_enabled();
-  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, group != run_group, p.gram_scan));
+  const int64_t per = std::max<int64_t>(1, workspace_per_pair(s, fused, mode));
   const int64_t G_max = std::clamp<int64_t>(workspace_cap(s, BH) / per, 1, BH);
   const int64_t G = (BH + (BH + G_max - 1) / G_max - 1) / ((BH + G_max - 1) / G_max);  // balanced
-  for (int64_t g0 = 0; g0 < BH; g0 += G) group(p, g0, std::min(G, BH - g0), out);
+  for (int64_t g0 = 0; g0 < BH; g0 += G) {
+    const int64_t n = std::min(G, BH - g0);
+#ifdef MLSTM_EXT_WITH_CUDA
+    if (fused) {
+      run_group_fused(p, g0, n, out, mode);
+      continue;
+    }
+#endif
+    run_group(p, g0, n, out);
+  }
 }
 
 BackwardOutputs allocate_backward_outputs(const BackwardArgs& a) {

@@ -304,10 +304,14 @@ def test_cuda_gram_scan_matches_gemm_scan(seed, shape, monkeypatch):
     """The fused path's C-gradient scan with the chunk products inside (csrc/cuda/scan_gram.cu)
     against a cuBLAS GEMM then the plain scan (MLSTM_EXT_GRAM_SCAN=0) on the same inputs, with
     initial states and incoming state gradients, outputs in NaN-poisoned memory, in one group and
-    in groups of one pair (the initial and last states' slices at g0 > 0)."""
+    in groups of one pair (the initial and last states' slices at g0 > 0). The default forms bw_pre's
+    Qs inside the scan from Q and the row factors; MLSTM_EXT_GRAM_SCAN=qs reads a stored Qs: the
+    same 16-bit values, so the gradients agree to the order of bw_post's atomic column sums."""
     args, want = cuda_case(shape, BF16, "exact", seed)
     monkeypatch.setenv("MLSTM_EXT_GRAM_SCAN", "0")
     base = run_bw(*args)
+    monkeypatch.setenv("MLSTM_EXT_GRAM_SCAN", "qs")
+    stored = run_bw(*args)
     monkeypatch.delenv("MLSTM_EXT_GRAM_SCAN")
     for cap in (None, "1"):
         if cap is not None:
@@ -322,6 +326,9 @@ def test_cuda_gram_scan_matches_gemm_scan(seed, shape, monkeypatch):
             err = rel_norm_err(a.double().cpu(), b.double().cpu())
             tol = 1e-5 if name in ("dC0", "dN0") else 2e-3
             assert torch.isfinite(a).all() and err <= tol, f"cap {cap} {name}: {err:.2e}"
+        for name, a, b in zip(GRADS, got, stored):
+            err = rel_norm_err(a.double().cpu(), b.double().cpu())
+            assert err <= 1e-5, f"cap {cap} {name}, Qs formed in the scan vs stored: {err:.2e}"
 
 
 @requires_cuda

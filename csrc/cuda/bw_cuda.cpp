@@ -33,7 +33,9 @@ void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, b
   p.dh = t.dH.data_ptr(), p.h = t.H.data_ptr();
   p.igate = f(t.I), p.fgate = f(t.F), p.den = f(t.den), p.m = f(t.m);
   p.m_states = f(t.M_all), p.n_states = f(t.N_all);
-  p.dnsum = f(t.dnsum), p.qs = t.Qs.data_ptr(), p.xn = f(t.Xn);
+  p.dnsum = f(t.dnsum), p.xn = f(t.Xn);
+  p.qs = t.Qs.defined() ? t.Qs.data_ptr() : nullptr;
+  p.qscale = t.qscale.defined() ? f(t.qscale) : nullptr;
   if (post) {
     p.c_states = f(t.C_all), p.g_states = t.G.data_ptr(), p.gn = f(t.Gn), p.last_row = f(t.last_row);
     p.dq = t.dQ.data_ptr(), p.dk = t.dK.data_ptr(), p.dv = t.dV.data_ptr();

@@ -299,8 +299,12 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
     __syncthreads();
   }
 
-  // Qs and Xn, two columns per thread, the rows in order (coalesced along the columns).
-  T* Qs = static_cast<T*>(p.qs) + row0 * p.DQ;
+  // The row factors, then Qs (where asked) and Xn, two columns per thread, the rows in order
+  // (coalesced along the columns).
+  if (p.qscale != nullptr) {
+    for (int t = threadIdx.x; t < L; t += blockDim.x) p.qscale[row0 + t] = s.gq[t] * s.r[t];
+  }
+  T* Qs = p.qs != nullptr ? static_cast<T*>(p.qs) + row0 * p.DQ : nullptr;
   float* xn = p.xn + blk * p.DQ;
   for (int d = 2 * threadIdx.x; d < p.DQ; d += 2 * blockDim.x) {
     float x0 = 0.f, x1 = 0.f;
@@ -312,7 +316,7 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
       for (int j = 0; j < 8; ++j) {
         const int t = t0 + j;
         const float sc = s.gq[t] * s.r[t], w = s.gq[t] * s.dns[t];
-        *reinterpret_cast<uint32_t*>(Qs + t * p.DQ + d) = pack2<T>(q[j].x * sc, q[j].y * sc);
+        if (Qs != nullptr) *reinterpret_cast<uint32_t*>(Qs + t * p.DQ + d) = pack2<T>(q[j].x * sc, q[j].y * sc);
         x0 = fmaf(q[j].x, w, x0);
         x1 = fmaf(q[j].y, w, x1);
       }

@@ -1,8 +1,9 @@
 // The fused per-chunk kernels of the CUDA backward (backward.cpp's fast path; SPEC.md "The
 // backward"). One thread block per (pair, chunk), L / 16 warps, each warp 16 rows of the chunk:
 //
-//   bw_pre   (before the reverse state scan): nsum's sign and dnsum (exact mode), the 16-bit
-//            Qs = Q * gq * r whose product with dH is the gradient reaching state k, and
+//   bw_pre   (before the reverse state scan): nsum's sign and dnsum (exact mode), the row
+//            factors qscale = gq * r and (where asked) the 16-bit Qs = Q diag(qscale) whose
+//            product with dH is the gradient reaching state k, and
 //            Xn = sum_t gq[t] dnsum[t] q_t (the same for the n state).
 //   bw_post  (after the scan): the L x L work in registers and shared memory (S = Q K^T, P, W,
 //            dW = r dH V^T + dnsum, their products), the products with the states C_k
@@ -27,7 +28,8 @@ struct BwParams {
   const float* m_states;           // (g, NC + 1): the recomputed m state at each chunk border
   const float* n_states;           // (g, NC + 1, DQ)
   float* dnsum;                    // (g, S): written by bw_pre, read by bw_post (exact mode)
-  void* qs;                        // (g, S, DQ) 16-bit: bw_pre's Qs
+  void* qs;                        // (g, S, DQ) 16-bit or nullptr: bw_pre's Qs
+  float* qscale;                   // (g, S) or nullptr: bw_pre's gq * r (Qs = Q diag(qscale))
   float* xn;                       // (g, NC, DQ): bw_pre's Xn
   const float* c_states;           // (g, NC + 1, DQ, DV): the recomputed C states
   const void* g_states;            // (g, NC, DQ, DV) 16-bit: the gradient of C_{k+1} (after the scan)

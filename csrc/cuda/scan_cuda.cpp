@@ -40,9 +40,9 @@ at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const
   return dots;
 }
 
-at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& dH, const at::Tensor& decay,
-                          const at::Tensor& last, at::Tensor& first, const at::Tensor& states,
-                          int64_t states_stride_g, at::Tensor& G_out) {
+at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& qscale, const at::Tensor& dH,
+                          const at::Tensor& decay, const at::Tensor& last, at::Tensor& first,
+                          const at::Tensor& states, int64_t states_stride_g, at::Tensor& G_out) {
   const int64_t num_pairs = Qs.size(0), S = Qs.size(1), DQ = Qs.size(2), DV = dH.size(2);
   const int64_t NC = decay.size(1), L = NC > 0 ? S / NC : 0;
   using cuda::kGramTile;
@@ -57,6 +57,9 @@ at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& dH, const at::
               "chunkwise_bw: the CUDA gram scan needs S = NC * L with L a multiple of ", cuda::kGramBL,
               " and DHQK, DHHV multiples of ", kGramTile, "; got S = ", num(S), ", NC = ", num(NC), ", DHQK = ",
               num(DQ), ", DHHV = ", num(DV));
+  TORCH_INTERNAL_ASSERT(!qscale.defined() || (qscale.scalar_type() == at::kFloat && qscale.is_contiguous() &&
+                                               qscale.numel() == num_pairs * S &&
+                                               reinterpret_cast<uintptr_t>(qscale.data_ptr()) % 16 == 0));
   TORCH_INTERNAL_ASSERT(Qs.is_contiguous() && dH.is_contiguous() && first.is_contiguous() &&
                         states.is_contiguous() && G_out.is_contiguous() && states_stride_g % 2 == 0);
   // The kernel reads `last` in 8-byte pieces: a caller's gradient at an odd float offset is copied.
@@ -72,6 +75,7 @@ at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& dH, const at::
               num(num_pairs * p.n_qkt * p.n_hvt), " thread blocks for the gram scan exceed the CUDA grid limit");
   at::Tensor dots = at::empty({num_pairs, NC, p.warps_per_pair}, decay.options().dtype(at::kFloat));
   p.qs = Qs.data_ptr(), p.dh = dH.data_ptr();
+  p.qscale = qscale.defined() ? qscale.data_ptr<float>() : nullptr;
   p.decay = d.data_ptr<float>();
   p.last = l.defined() ? l.data_ptr<float>() : nullptr;
   p.states = states.data_ptr<float>(), p.states_stride_g = states_stride_g;

@@ -13,7 +13,9 @@
 // rewrote it (16 bytes per state entry and chunk besides C); here X is never written: 6 bytes (C
 // read, G written in 16 bits) plus the Qs and dH rows. The products are the GEMM's (16-bit
 // operands, float32 accumulators); Qs_k^T is the A operand by ldmatrix .trans of the row-major
-// rows, as K^T in the states kernel.
+// rows, as K^T in the states kernel. With qscale, Qs = Q diag(qscale) is formed as the fragments
+// are loaded, with bw_pre's rounding (the float product rounded once to 16 bits), so it needs no
+// buffer of its own.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/mma.cuh"
@@ -29,7 +31,7 @@ constexpr int kNT = kGramTile / 8;  // n-tiles of 8 columns per warp
 template <typename T>
 struct GramSmem {
   static constexpr int kTileBytes = kGramBL * kLd * static_cast<int>(sizeof(T));
-  static constexpr int kStageBytes = 2 * kTileBytes;  // Qs rows, dH rows
+  static constexpr int kStageBytes = 2 * kTileBytes + kGramBL * 4;  // Qs (or Q) rows, dH rows, qscale
   static constexpr int kBytes = kGramStages * kStageBytes;
 };
 
@@ -91,6 +93,8 @@ __global__ void __launch_bounds__(kGramThreads, 4) gram_scan_kernel(const GramSc
   const int total = p.NC * n_sub;  // < 2^31 (checked by the host)
   const T* gQ = static_cast<const T*>(p.qs) + pair * p.S * p.DQ + dq0;
   const T* gH = static_cast<const T*>(p.dh) + pair * p.S * p.DV + dv0;
+  const bool scaled = p.qscale != nullptr;
+  const float* gS = scaled ? p.qscale + pair * p.S : nullptr;
   int issued = 0;
   auto issue = [&](int buf) {  // always commits a group, empty past the end: uniform wait counts
     if (issued < total) {
@@ -100,6 +104,9 @@ __global__ void __launch_bounds__(kGramThreads, 4) gram_scan_kernel(const GramSc
                                                       kGramBL, kGramTile, true);
       stage_tile<T, kGramBL, kGramTile, kGramThreads>(reinterpret_cast<T*>(st + Sm::kTileBytes), kLd,
                                                       gH + t0 * p.DV, p.DV, kGramBL, kGramTile, true);
+      if (scaled && threadIdx.x < kGramBL / 4) {
+        cp_async_16(st + 2 * Sm::kTileBytes + threadIdx.x * 16, gS + t0 + threadIdx.x * 4, 16);
+      }
       ++issued;
     }
     cp_async_commit();
@@ -136,12 +143,24 @@ __global__ void __launch_bounds__(kGramThreads, 4) gram_scan_kernel(const GramSc
 
     const T* sQ = reinterpret_cast<const T*>(smem + buf * Sm::kStageBytes);
     const T* sH = reinterpret_cast<const T*>(smem + buf * Sm::kStageBytes + Sm::kTileBytes);
+    const float* sS = reinterpret_cast<const float*>(smem + buf * Sm::kStageBytes + 2 * Sm::kTileBytes);
 #pragma unroll
     for (int ks = 0; ks < kGramBL / 16; ++ks) {
       // Qs^T fragment (rows of the tile = DQ, k = positions) by ldmatrix .trans of the row-major
       // Qs stage; dH fragments (k = positions, n = DV columns) of n-tiles 2np, 2np + 1.
       uint32_t a[4];
       ldmatrix_x4_trans(a, sQ + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * kLd + wr + ((lane >> 3) & 1) * 8);
+      if (scaled) {
+        // a[0], a[1] hold positions 2tq, 2tq + 1 of the k-step (rows r0, r0 + 8), a[2], a[3]
+        // positions 2tq + 8, 2tq + 9.
+        const float2 s0 = *reinterpret_cast<const float2*>(sS + ks * 16 + 2 * tq);
+        const float2 s8 = *reinterpret_cast<const float2*>(sS + ks * 16 + 2 * tq + 8);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 q = unpack2<T>(a[i]), s = i < 2 ? s0 : s8;
+          a[i] = pack2<T>(q.x * s.x, q.y * s.y);
+        }
+      }
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t b[4];

@@ -37,7 +37,9 @@ constexpr int kGramStages = 3;
 constexpr int kGramWarpsPerBlock = kGramThreads / 32;
 
 struct GramScanParams {
-  const void* qs;       // (G, S, DQ), the inputs' 16-bit dtype: bw_pre's Qs
+  const void* qs;       // (G, S, DQ), the inputs' 16-bit dtype: Q (with qscale) or bw_pre's Qs
+  const float* qscale;  // (G, S) or nullptr: row t of qs enters the products as qs[t] * qscale[t]
+                        // rounded to 16 bits (bw_pre's Qs, formed here instead of stored)
   const void* dh;       // (G, S, DV), the same dtype
   const float* decay;   // (G, NC)
   const float* last;    // (G, DQ * DV) or nullptr (zeros): the gradient of C_NC

@@ -27,21 +27,6 @@ namespace mlstm::cuda {
 // max that propagates NaN like torch.maximum / amax (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || isnan(a)) ? a : b; }
 
-// Two 16-bit values of one register as floats (low half first).
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t u);
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
-  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
-  __half2 h;
-  static_assert(sizeof(h) == sizeof(u), "half2 is 32 bits");
-  memcpy(&h, &u, sizeof(u));
-  return __half22float2(h);
-}
-
 // (x0, x1) ~ hi + lo, both pairs in T: hi rounds x, lo rounds the exact float remainder x - hi.
 template <typename T>
 __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
