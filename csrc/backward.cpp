@@ -58,14 +58,14 @@ ScanMode scan_mode() {
 // their gradients and 16-bit copies of both; per-position rows of the head dims (float32
 // gradients, scaled 16-bit operands) and of the gates; three float32 L x L matrices per chunk and
 // a float64 one (the spans of the gates).
-// The fused CUDA path (run_group_fused) holds the float32 states, their gradients in 16 bits
-// (kGemm: in float32 too, then 16 bits), per position dnsum and qscale (kGram) or bw_pre's Qs
+// The fused CUDA path (run_group_fused) holds the C states and their gradients in 16 bits
+// (kGemm: both in float32 too), per position dnsum and qscale (kGram) or bw_pre's Qs
 // (the other modes), and Xn.
 int64_t workspace_per_pair(const StatesArgs& s, bool fused, ScanMode mode) {
   const int64_t states = state_entries(s);
   if (fused) {
     const int64_t rows = mode == ScanMode::kGram ? 8 * s.S : 2 * s.S * (s.DHQK + 8);
-    return (mode == ScanMode::kGemm ? 10 : 6) * states + rows + 4 * s.NC * s.DHQK;
+    return (mode == ScanMode::kGemm ? 12 : 4) * states + rows + 4 * s.NC * s.DHQK;
   }
   return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 16) + 16 * s.NC * s.L * s.L;
 }
@@ -118,9 +118,11 @@ struct Plan {
   at::Tensor upper;  // (L, L): s > t, the entries no row reads
 };
 
-// The chunk-border states of g pairs starting at g0 (recurrent_fw_states of this group),
-// float32/float64, NC+1 slots: C (g, NC+1, DQ, DV), n (g, NC+1, DQ), m (g, NC+1).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_states(const Plan& p, int64_t g0, int64_t g) {
+// The chunk-border states of g pairs starting at g0 (recurrent_fw_states of this group), NC+1
+// slots: C (g, NC+1, DQ, DV) in c_dtype (the compute dtype, or on CUDA the 16-bit input dtype),
+// n (g, NC+1, DQ) and m (g, NC+1) in the compute dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_states(const Plan& p, int64_t g0, int64_t g,
+                                                                at::ScalarType c_dtype) {
   auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
   StatesArgs sa = p.a.fw.states;
   sa.B = 1, sa.NH = g;
@@ -129,7 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_states(const Plan& p, i
   sa.matC_initial = p.C0.defined() ? sl(p.C0).unsqueeze(0) : at::Tensor();
   sa.vecN_initial = p.N0.defined() ? sl(p.N0).unsqueeze(0) : at::Tensor();
   sa.scaM_initial = p.M0.defined() ? sl(p.M0).unsqueeze(0) : at::Tensor();
-  auto [C_all, N_all, M_all] = allocate_states_outputs(sa);
+  const auto ct = p.K.options().dtype(p.ct);
+  at::Tensor C_all = at::empty({1, g, (p.NC + 1) * p.DQ, p.DV}, ct.dtype(c_dtype));
+  at::Tensor N_all = at::empty({1, g, (p.NC + 1) * p.DQ}, ct), M_all = at::empty({1, g, p.NC + 1}, ct);
   p.states_kernel(sa, C_all, N_all, M_all);
   return {C_all.view({g, p.NC + 1, p.DQ, p.DV}), N_all.view({g, p.NC + 1, p.DQ}), M_all.view({g, p.NC + 1})};
 }
@@ -179,7 +183,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const at::ScalarType ct = p.ct, lp = p.lp;
   const double qk_scale = p.a.fw.qk_scale;
   auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
-  auto [C_all, N_all, M_all] = recompute_states(p, g0, g);
+  auto [C_all, N_all, M_all] = recompute_states(p, g0, g, ct);
 
   // Gates (g, NC, L) and per-chunk factors (g, NC); m_k, m_{k+1}, m[t] are constants.
   const at::Tensor I = sl(p.I).view({g, NC, L}), F = sl(p.F).view({g, NC, L});
@@ -303,7 +307,9 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out,
     at::Tensor c = sl(t).contiguous();
     return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
   };
-  auto [C_all, N_all, M_all] = recompute_states(p, g0, g);
+  // C in 16 bits for the gram scan and bw_post (both multiply it in that dtype; the scan's dots
+  // <C_k, G_{k+1}> then see the rounded C too); float32 for the plain scan of kGemm.
+  auto [C_all, N_all, M_all] = recompute_states(p, g0, g, mode == ScanMode::kGemm ? ct : lp);
   const at::Tensor m_prev = M_all.narrow(1, 0, NC), m_next = M_all.narrow(1, 1, NC);
   const at::Tensor g_k = log_forget(sl(p.F).view({g, NC, L})).sum(-1);
   const at::Tensor decay = at::exp((g_k + m_prev) - m_next).to(ct);
@@ -340,7 +346,7 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out,
     t.last_row = scan_back(p, g0, g, G, t.Xn, decay, C_all, N_all, out).contiguous();
     G = G.to(lp);
   }
-  t.C_all = C_all, t.G = G, t.Gn = t.Xn;
+  t.C_all = C_all.to(lp), t.G = G, t.Gn = t.Xn;  // bw_post reads both in 16 bits
   t.dQ = std::get<0>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
   t.dK = std::get<1>(out).view({p.BH, p.S, DQ}).narrow(0, g0, g);
   t.dV = std::get<2>(out).view({p.BH, p.S, DV}).narrow(0, g0, g);

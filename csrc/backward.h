@@ -57,8 +57,8 @@ at::Tensor reverse_state_scan_cpu(at::Tensor& X, const at::Tensor& decay, const 
 at::Tensor reverse_state_scan_cuda(at::Tensor& X, const at::Tensor& decay, const at::Tensor& last,
                                    at::Tensor& first, const at::Tensor& states, int64_t states_stride_g);
 // The same scan for C with X_k = Qs_k^T dH_k formed inside (csrc/cuda/scan_gram.cu): Qs (G, S,
-// DQ) and dH (G, S, DV) 16-bit; G_out (G, NC, DQ * DV), their dtype, gets what X holds on exit
-// above, rounded to it (the dots come from the float32 values).
+// DQ), dH (G, S, DV) and the states 16-bit; G_out (G, NC, DQ * DV), their dtype, gets what X
+// holds on exit above, rounded to it (the dots: the 16-bit states times the float32 values).
 // With qscale (G, S) defined, Qs holds Q and its row t enters as Q[t] * qscale[t] (rounded to 16
 // bits as bw_pre rounds Qs).
 at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& qscale, const at::Tensor& dH,
@@ -77,7 +77,7 @@ struct FusedBackwardTensors {
   at::Tensor M_all, N_all;                  // the recomputed m and n states (g, NC+1[, DQ])
   at::Tensor dnsum, Qs, qscale, Xn;         // bw_pre's outputs (Qs, qscale: where defined)
   at::Tensor C_all, G, Gn, last_row;        // bw_post's other inputs (states and gradients;
-                                            // G in the inputs' dtype, the others float32)
+                                            // C_all, G in the inputs' dtype, the others float32)
   at::Tensor dQ, dK, dV, dI, dF;            // bw_post's outputs
 };
 bool fused_backward_cuda_usable(const BackwardArgs& a);

@@ -322,9 +322,11 @@ def test_cuda_gram_scan_matches_gemm_scan(seed, shape, monkeypatch):
         check_all(got, want, CUDA_TOL[BF16], f"gram scan, cap {cap}")
         for name, a, b in zip(GRADS, got, base):
             # The same 16-bit products summed in another order: float32 rounding, then for dQ, dK,
-            # dV, dI, dF an occasional other 16-bit rounding of a G entry in bw_post.
+            # dV, dI, dF an occasional other 16-bit rounding of a G entry in bw_post; dI and dF
+            # also take the gram scan's dots <C_k, G_{k+1}> with C_k in 16 bits (float32 in the
+            # plain scan).
             err = rel_norm_err(a.double().cpu(), b.double().cpu())
-            tol = 1e-5 if name in ("dC0", "dN0") else 2e-3
+            tol = 1e-5 if name in ("dC0", "dN0") else 1e-2 if name in ("dI", "dF") else 2e-3
             assert torch.isfinite(a).all() and err <= tol, f"cap {cap} {name}: {err:.2e}"
         for name, a, b in zip(GRADS, got, stored):
             err = rel_norm_err(a.double().cpu(), b.double().cpu())

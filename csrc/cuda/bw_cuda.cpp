@@ -37,7 +37,7 @@ void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, b
   p.qs = t.Qs.defined() ? t.Qs.data_ptr() : nullptr;
   p.qscale = t.qscale.defined() ? f(t.qscale) : nullptr;
   if (post) {
-    p.c_states = f(t.C_all), p.g_states = t.G.data_ptr(), p.gn = f(t.Gn), p.last_row = f(t.last_row);
+    p.c_states = t.C_all.data_ptr(), p.g_states = t.G.data_ptr(), p.gn = f(t.Gn), p.last_row = f(t.last_row);
     p.dq = t.dQ.data_ptr(), p.dk = t.dK.data_ptr(), p.dv = t.dV.data_ptr();
     p.di = f(t.dI), p.df = f(t.dF);
   }

@@ -10,8 +10,6 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
-#include <type_traits>
-
 #include "common.h"
 #include "cuda/bw_params.h"
 #include "cuda/gates.cuh"
@@ -96,29 +94,6 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t g_stride) {
   }
 }
 
-// A kBwTile x kBwTile block of a row-major float32 matrix, fetched into registers (so that it is in
-// flight while the block computes), then rounded to T into a tile of row stride kLd.
-template <typename T, int kThreads>
-struct F32Block {
-  static constexpr int kQuads = kBwTile / 4, kN = kBwTile * kQuads / kThreads;
-  static_assert(kBwTile * kQuads % kThreads == 0, "the block must split evenly over the threads");
-  float4 x[kN];
-  __device__ __forceinline__ void fetch(const float* g, int64_t g_stride) {
-#pragma unroll
-    for (int j = 0; j < kN; ++j) {
-      const int idx = threadIdx.x + j * kThreads, r = idx / kQuads, c = (idx % kQuads) * 4;
-      x[j] = *reinterpret_cast<const float4*>(g + r * g_stride + c);
-    }
-  }
-  __device__ __forceinline__ void store(T* s) const {
-#pragma unroll
-    for (int j = 0; j < kN; ++j) {
-      const int idx = threadIdx.x + j * kThreads, r = idx / kQuads, c = (idx % kQuads) * 4;
-      *reinterpret_cast<uint2*>(s + r * kLd + c) = make_uint2(pack2<T>(x[j].x, x[j].y), pack2<T>(x[j].z, x[j].w));
-    }
-  }
-};
-
 // acc (this warp's 16 rows x 8 NT columns) += A (16 x 16 k-steps [k0, k1)) * B on tensor cores,
 // n-tile pairs np < np_end only. A is stored [m][k] (kAT false) or [k][m] (kAT true, read
 // transposed); B is stored [n][k] (kBT false) or [k][n] (kBT true). a and b point at (0, 0).
@@ -174,39 +149,26 @@ __device__ __forceinline__ void chunk_gram(float (&acc)[L / 8][4], const T* x, c
 }
 
 // acc = sum over i < n of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16 rows of
-// the (L, kBwTile) tiles X_i = x + i x_step (row stride x_ld) times the kBwTile x kBwTile blocks
-// M_i = m + i m_step (row stride m_ld): float32 ones (M = float) rounded to 16 bits as they are
-// staged, 16-bit ones (M = T) copied. Two buffers each: the loads of step i + 1 are in flight
-// during the products of step i. Waits for every cp.async group the caller committed before.
-template <typename T, int L, bool kBT, typename M>
+// the (L, kBwTile) tiles X_i = x + i x_step (row stride x_ld) times the kBwTile x kBwTile 16-bit
+// blocks M_i = m + i m_step (row stride m_ld) of a state or its gradient. Two buffers each: the
+// loads of step i + 1 are in flight during the products of step i. Waits for every cp.async group
+// the caller committed before.
+template <typename T, int L, bool kBT>
 __device__ __forceinline__ void rows_by_state(float (&acc)[kBwTile / 8][4], const T* x, int64_t x_step,
-                                              int64_t x_ld, const M* m, int64_t m_step,
+                                              int64_t x_ld, const T* m, int64_t m_step,
                                               int64_t m_ld, int n, T* sX, T* sM) {
-  constexpr bool kF32 = std::is_same_v<M, float>;
   const int warp = threadIdx.x / 32;
-  F32Block<T, 2 * L> next;
   zero(acc);
   load_tile<T, L>(sX, x, x_ld);
-  if constexpr (kF32) {
-    cp_async_commit();
-    next.fetch(m, m_ld);
-  } else {
-    load_tile<T, L, kBwTile>(sM, m, m_ld);
-    cp_async_commit();
-  }
+  load_tile<T, L, kBwTile>(sM, m, m_ld);
+  cp_async_commit();
   for (int i = 0; i < n; ++i) {
     T* x_buf = sX + (i & 1) * L * kLd;
     T* m_buf = sM + (i & 1) * kBwTile * kLd;
-    if constexpr (kF32) next.store(m_buf);
     if (i + 1 < n) {
       load_tile<T, L>(sX + ((i + 1) & 1) * L * kLd, x + (i + 1) * x_step, x_ld);
-      if constexpr (kF32) {
-        cp_async_commit();
-        next.fetch(m + (i + 1) * m_step, m_ld);
-      } else {
-        load_tile<T, L, kBwTile>(sM + ((i + 1) & 1) * kBwTile * kLd, m + (i + 1) * m_step, m_ld);
-        cp_async_commit();
-      }
+      load_tile<T, L, kBwTile>(sM + ((i + 1) & 1) * kBwTile * kLd, m + (i + 1) * m_step, m_ld);
+      cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -438,12 +400,12 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
   // ---- dQ and dK, a DQ tile at a time (their Q and K tiles staged once for both):
   //   dQ[t] = sum_s dsp[t, s] k_s + gq[t] (r[t] (dH C_k^T)[t] + dnsum[t] n_k)
   //   dK[s] = sum_t dsp[t, s] q_t + ga[s] ((V G_{k+1}^T)[s] + Gn)
-  // The inter-chunk products run over DHHV tiles of dH or V and of the states (C_k float32,
-  // rounded to 16 bits as it is staged; G_{k+1} 16-bit already).
+  // The inter-chunk products run over DHHV tiles of dH or V and of the 16-bit states C_k and
+  // G_{k+1}.
   float qd0 = 0.f, qd1 = 0.f, kd0 = 0.f, kd1 = 0.f;
   const float* n_k = p.n_states + (pair * (p.NC + 1) + chunk) * p.DQ;
   const float* gn = p.gn + blk * p.DQ;
-  const float* C_k = p.c_states + (pair * (p.NC + 1) + chunk) * p.DQ * p.DV;
+  const T* C_k = static_cast<const T*>(p.c_states) + (pair * (p.NC + 1) + chunk) * p.DQ * p.DV;
   const T* G_k = static_cast<const T*>(p.g_states) + blk * p.DQ * p.DV;  // the gradient of state k+1
   constexpr int NO = kBwTile / 8;
   for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
@@ -452,12 +414,12 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
     cp_async_commit();
     float inter[NO][4], o[NO][4];
     // dH C_k^T and V G_{k+1}^T over the DHHV blocks (the first also waits for the Q and K tiles).
-    rows_by_state<T, L, false, float>(inter, dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
+    rows_by_state<T, L, false>(inter, dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
     zero(o);
     warp_gemm<T, false, true, NO>(o, sDsp + warp * 16 * LdL, LdL, sB, kLd, 0, warp + 1);
     store_with_inter<T, NO>(o, inter, sA, static_cast<T*>(p.dq), row0, p.DQ, d0, t0, t1, qd0, qd1,
                             [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * __ldg(n_k + d0 + d)); });
-    rows_by_state<T, L, false, T>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
+    rows_by_state<T, L, false>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sDsp + warp * 16, LdL, sA, kLd, warp, NW);
     store_with_inter<T, NO>(o, inter, sB, static_cast<T*>(p.dk), row0, p.DQ, d0, t0, t1, kd0, kd1,
@@ -471,7 +433,7 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
     cp_async_commit();
     float inter[NO][4], o[NO][4];
     // K G_{k+1} over the DHQK blocks (also waits for the dH tile).
-    rows_by_state<T, L, true, T>(inter, K, kBwTile, p.DQ, G_k + e0, kBwTile * p.DV, p.DV, p.DQ / kBwTile, sX, sM);
+    rows_by_state<T, L, true>(inter, K, kBwTile, p.DQ, G_k + e0, kBwTile * p.DV, p.DV, p.DQ / kBwTile, sX, sM);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sWr + warp * 16, LdL, sA, kLd, warp, NW);
 #pragma unroll

@@ -6,8 +6,8 @@
 //            product with dH is the gradient reaching state k, and
 //            Xn = sum_t gq[t] dnsum[t] q_t (the same for the n state).
 //   bw_post  (after the scan): the L x L work in registers and shared memory (S = Q K^T, P, W,
-//            dW = r dH V^T + dnsum, their products), the products with the states C_k
-//            (float32) and G_{k+1} (16-bit), then dQ, dK, dV, dI and dF.
+//            dW = r dH V^T + dnsum, their products), the products with the states C_k and
+//            G_{k+1} (both 16-bit), then dQ, dK, dV, dI and dF.
 //
 // Every tensor is contiguous over the group's g pairs: rows are (pair * S + position).
 // Plain header (no ATen).
@@ -31,7 +31,7 @@ struct BwParams {
   void* qs;                        // (g, S, DQ) 16-bit or nullptr: bw_pre's Qs
   float* qscale;                   // (g, S) or nullptr: bw_pre's gq * r (Qs = Q diag(qscale))
   float* xn;                       // (g, NC, DQ): bw_pre's Xn
-  const float* c_states;           // (g, NC + 1, DQ, DV): the recomputed C states
+  const void* c_states;            // (g, NC + 1, DQ, DV) 16-bit: the recomputed C states
   const void* g_states;            // (g, NC, DQ, DV) 16-bit: the gradient of C_{k+1} (after the scan)
   const float* gn;                 // (g, NC, DQ): the gradient of n_{k+1} (after the scan)
   const float* last_row;           // (g, NC): decay * <state k, G_{k+1}>, C and n together

@@ -50,8 +50,8 @@ at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& qscale, const 
   // reads whole tiles and 8-byte pieces without bounds.
   TORCH_CHECK((Qs.scalar_type() == at::kBFloat16 || Qs.scalar_type() == at::kHalf) &&
                   dH.scalar_type() == Qs.scalar_type() && decay.scalar_type() == at::kFloat &&
-                  G_out.scalar_type() == Qs.scalar_type() && states.scalar_type() == at::kFloat,
-              "chunkwise_bw: the CUDA gram scan takes 16-bit Qs, dH and G_out of one dtype and float32 states");
+                  G_out.scalar_type() == Qs.scalar_type() && states.scalar_type() == Qs.scalar_type(),
+              "chunkwise_bw: the CUDA gram scan takes 16-bit Qs, dH, states and G_out of one dtype");
   TORCH_CHECK(NC > 0 && S == NC * L && L % cuda::kGramBL == 0 && DQ % kGramTile == 0 && DV % kGramTile == 0 &&
                   dH.size(0) == num_pairs && dH.size(1) == S && NC * (L / cuda::kGramBL) < (int64_t(1) << 31),
               "chunkwise_bw: the CUDA gram scan needs S = NC * L with L a multiple of ", cuda::kGramBL,
@@ -78,7 +78,7 @@ at::Tensor gram_scan_cuda(const at::Tensor& Qs, const at::Tensor& qscale, const 
   p.qscale = qscale.defined() ? qscale.data_ptr<float>() : nullptr;
   p.decay = d.data_ptr<float>();
   p.last = l.defined() ? l.data_ptr<float>() : nullptr;
-  p.states = states.data_ptr<float>(), p.states_stride_g = states_stride_g;
+  p.states = states.data_ptr(), p.states_stride_g = states_stride_g;
   p.G = G_out.data_ptr(), p.first = first.data_ptr<float>(), p.dots = dots.data_ptr<float>();
   cuda::launch_gram_scan(p, Qs.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream());
   return dots;

@@ -5,17 +5,17 @@
 //
 //   chunk k (from NC - 1 down to 0), with G = G_{k+1}:
 //     store G into slot k (rounded to the inputs' 16-bit dtype: bw_post multiplies it in that
-//     dtype), dots <- <C_k, G> (per warp, from the float32 accumulators),
+//     dtype), dots <- <C_k, G> (per warp: the 16-bit C_k, the float32 accumulators),
 //     G <- decay_k G + Qs_k^T dH_k
 //   after chunk 0: store G = G_0 into `first`.
 //
 // Before, cuBLAS wrote X_k = Qs_k^T dH_k for every chunk in float32 and the scan read it back and
-// rewrote it (16 bytes per state entry and chunk besides C); here X is never written: 6 bytes (C
-// read, G written in 16 bits) plus the Qs and dH rows. The products are the GEMM's (16-bit
-// operands, float32 accumulators); Qs_k^T is the A operand by ldmatrix .trans of the row-major
-// rows, as K^T in the states kernel. With qscale, Qs = Q diag(qscale) is formed as the fragments
-// are loaded, with bw_pre's rounding (the float product rounded once to 16 bits), so it needs no
-// buffer of its own.
+// rewrote it (16 bytes per state entry and chunk besides a float32 C); here X is never written:
+// 4 bytes (C read, G written, both 16-bit) plus the Qs and dH rows. The products are the GEMM's
+// (16-bit operands, float32 accumulators); Qs_k^T is the A operand by ldmatrix .trans of the
+// row-major rows, as K^T in the states kernel. With qscale, Qs = Q diag(qscale) is formed as the
+// fragments are loaded, with bw_pre's rounding (the float product rounded once to 16 bits), so it
+// needs no buffer of its own.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/mma.cuh"
@@ -36,12 +36,22 @@ struct GramSmem {
 };
 
 // The accumulator layout (mma.cuh): element e of n-tile nt sits at row r0 (e < 2) or r0 + 8 and
-// column 8 nt + 2 tq + (e & 1) of the tile. x points at the tile's (0, 0) entry, row stride ld.
-__device__ __forceinline__ void load_acc(float (&acc)[kNT][4], const float* x, int64_t ld, int r0, int tq) {
+// column 8 nt + 2 tq + (e & 1) of the tile. x points at the tile's (0, 0) entry, row stride ld;
+// float32 or 16-bit entries.
+template <typename I>
+__device__ __forceinline__ float2 load_pair(const I* x) {
+  if constexpr (sizeof(I) == 4) {
+    return __ldg(reinterpret_cast<const float2*>(x));
+  } else {
+    return unpack2<I>(__ldg(reinterpret_cast<const unsigned int*>(x)));
+  }
+}
+template <typename I>
+__device__ __forceinline__ void load_acc(float (&acc)[kNT][4], const I* x, int64_t ld, int r0, int tq) {
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
-    const float2 a = __ldg(reinterpret_cast<const float2*>(x + r0 * ld + nt * 8 + 2 * tq));
-    const float2 b = __ldg(reinterpret_cast<const float2*>(x + (r0 + 8) * ld + nt * 8 + 2 * tq));
+    const float2 a = load_pair(x + r0 * ld + nt * 8 + 2 * tq);
+    const float2 b = load_pair(x + (r0 + 8) * ld + nt * 8 + 2 * tq);
     acc[nt][0] = a.x, acc[nt][1] = a.y, acc[nt][2] = b.x, acc[nt][3] = b.y;
   }
 }
@@ -84,7 +94,7 @@ __global__ void __launch_bounds__(kGramThreads, 4) gram_scan_kernel(const GramSc
     for (int nt = 0; nt < kNT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
   }
   // C_k's entries at the accumulator positions, fetched a chunk ahead (for the dots).
-  const float* C = p.states + pair * p.states_stride_g + tile0;
+  const T* C = static_cast<const T*>(p.states) + pair * p.states_stride_g + tile0;
   float c[kNT][4];
   load_acc(c, C + static_cast<int64_t>(p.NC - 1) * E, p.DV, r0, tq);
 

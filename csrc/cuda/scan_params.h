@@ -43,7 +43,7 @@ struct GramScanParams {
   const void* dh;       // (G, S, DV), the same dtype
   const float* decay;   // (G, NC)
   const float* last;    // (G, DQ * DV) or nullptr (zeros): the gradient of C_NC
-  const float* states;  // C_k of pair g at states + g * states_stride_g + k * DQ * DV
+  const void* states;   // C_k of pair g at states + g * states_stride_g + k * DQ * DV, 16-bit
   int64_t states_stride_g;
   void* G;              // (G, NC, DQ * DV) out, the inputs' 16-bit dtype (what bw_post reads):
                         // slot k holds the gradient of C_{k+1}

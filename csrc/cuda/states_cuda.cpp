@@ -75,7 +75,12 @@ void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all
   }
   // Outputs: allocated contiguous by the op.
   TORCH_INTERNAL_ASSERT(matC_all.is_contiguous() && vecN_all.is_contiguous() && scaM_all.is_contiguous());
-  p.C = matC_all.data_ptr<float>();
+  // C in float32 (the op), or in the 16-bit input dtype (the backward's recompute, whose kernels
+  // multiply C in that dtype: rounded once here instead of when each reads it).
+  p.c16 = matC_all.scalar_type() != at::kFloat;
+  TORCH_INTERNAL_ASSERT(!p.c16 || (matC_all.scalar_type() == a.matK.scalar_type() &&
+                                   (a.matK.scalar_type() == at::kBFloat16 || a.matK.scalar_type() == at::kHalf)));
+  p.C = matC_all.data_ptr();
   p.n = vecN_all.data_ptr<float>();
   p.m = scaM_all.data_ptr<float>();
   p.NH = a.NH;

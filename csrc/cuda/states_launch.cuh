@@ -17,7 +17,10 @@ void launch_states(const StatesParams& p, int64_t num_bh, cudaStream_t stream) {
               " thread blocks exceed the CUDA grid limit; split the batch");
   if (blocks == 0) return;
   constexpr int smem = Tr::kSmemBytes;
-  auto kernel = states_kernel<Tr>;
+  auto kernel = states_kernel<Tr, false>;
+  if constexpr (!Tr::kIsFloat) {
+    if (p.c16) kernel = states_kernel<Tr, true>;
+  }
   // Past 48 KB a block needs the opt-in (every sm_80+ GPU allows at least 99 KB).
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

@@ -48,7 +48,9 @@ struct StatesParams {
   int64_t n0_sb, n0_sh, n0_sr;
   const float* m0;
   int64_t m0_sb, m0_sh;
-  float* C;  // (B, NH, (NC+1)*DHQK, DHHV) contiguous
+  void* C;   // (B, NH, (NC+1)*DHQK, DHHV) contiguous: float32, or (c16) the 16-bit input dtype
+  bool c16;  // C rounded to the inputs' 16-bit dtype (the backward's recompute: its kernels
+             // multiply C in that dtype); the op's outputs are float32
   float* n;  // (B, NH, (NC+1)*DHQK)
   float* m;  // (B, NH, NC+1)
   int64_t NH, S;
