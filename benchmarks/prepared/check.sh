@@ -3,10 +3,11 @@
 # session), ~5 minutes. Trees, built side by side:
 #   .ab_base  06953f3 (the forward before the 16-bit recompute: made here, carried)
 #   .ab_main  main as it is             .ab_xn  main + bw_pre_xn.patch
-#   the tree  main + bw_pre_xn.patch + bw_pipeline.patch (applied in place; undo: git checkout -- csrc)
+#   the tree  main + bw_pre_xn.patch + bw_post_l128.patch (applied in place; undo: git checkout -- csrc)
 # then the CUDA backward tests on the tree, the A/Bs (forward .ab_base -> .ab_main: does the kC16
 # kernel give the forward back?; fw+bw .ab_main -> .ab_xn -> tree), sanitizers, and the forward
-# and fw+bw tables against Triton for the tree.
+# and fw+bw tables against Triton for the tree. (bw_pipeline.patch applies to main + bw_pre_xn,
+# not beside bw_post_l128: rebase it before measuring it again.)
 #
 #   mkdir -p .ab_base && git archive 06953f3 | tar -x -C .ab_base    # here, before the call
 #   pip download -q --no-deps mlstm-kernels==2.0.6 xlstm==2.0.6 einops==0.8.2 -d .whl
@@ -23,7 +24,7 @@ copy_tree() {  # DEST: the working tree as it is, without build outputs or other
 copy_tree .ab_main
 # (--directory: a git apply run inside .ab_xn would patch the enclosing repository's paths or none)
 copy_tree .ab_xn && git apply --directory=.ab_xn benchmarks/prepared/bw_pre_xn.patch || { echo "bw_pre_xn.patch does not apply"; exit 1; }
-git apply benchmarks/prepared/bw_pre_xn.patch && git apply benchmarks/prepared/bw_pipeline.patch || { echo "patches do not apply"; exit 1; }
+git apply benchmarks/prepared/bw_pre_xn.patch && git apply benchmarks/prepared/bw_post_l128.patch || { echo "patches do not apply"; exit 1; }
 for t in .ab_base .ab_main .ab_xn; do
   ( cd $t && MAX_JOBS=4 MLSTM_EXT_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/b_${t#.}.log" 2>&1; echo "$t build rc=$?" ) &
 done
@@ -38,6 +39,7 @@ ab() {  # NAME OP OLD NEW
 }
 echo "== tests (tree) $((SECONDS - t0)) s"
 timeout 90 python3 -m pytest -q tests/test_backward.py tests/test_autograd.py tests/test_states_cuda.py -k "cuda or peak" 2>&1 | tail -2
+timeout 60 python3 -m pytest -q tests/test_hostile.py tests/test_chunkwise.py -k cuda 2>&1 | tail -2
 ab ab_forward_base_vs_main forward "$B" "$M"
 ab ab_fwbw_main_vs_xn fwbw "$M" "$X"
 ab ab_fwbw_xn_vs_tree fwbw "$X" "$N"
