@@ -119,10 +119,10 @@ struct Plan {
 };
 
 // The chunk-border states of g pairs starting at g0 (recurrent_fw_states of this group), NC+1
-// slots: C (g, NC+1, DQ, DV) in c_dtype (the compute dtype, or on CUDA the 16-bit input dtype),
+// slots: C (g, NC+1, DQ, DV) in c_dtype where given (on CUDA the 16-bit input dtype), else like
 // n (g, NC+1, DQ) and m (g, NC+1) in the compute dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_states(const Plan& p, int64_t g0, int64_t g,
-                                                                at::ScalarType c_dtype) {
+                                                                std::optional<at::ScalarType> c_dtype) {
   auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
   StatesArgs sa = p.a.fw.states;
   sa.B = 1, sa.NH = g;
@@ -131,9 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_states(const Plan& p, i
   sa.matC_initial = p.C0.defined() ? sl(p.C0).unsqueeze(0) : at::Tensor();
   sa.vecN_initial = p.N0.defined() ? sl(p.N0).unsqueeze(0) : at::Tensor();
   sa.scaM_initial = p.M0.defined() ? sl(p.M0).unsqueeze(0) : at::Tensor();
-  const auto ct = p.K.options().dtype(p.ct);
-  at::Tensor C_all = at::empty({1, g, (p.NC + 1) * p.DQ, p.DV}, ct.dtype(c_dtype));
-  at::Tensor N_all = at::empty({1, g, (p.NC + 1) * p.DQ}, ct), M_all = at::empty({1, g, p.NC + 1}, ct);
+  auto [C_all, N_all, M_all] = allocate_states_outputs(sa, c_dtype);
   p.states_kernel(sa, C_all, N_all, M_all);
   return {C_all.view({g, p.NC + 1, p.DQ, p.DV}), N_all.view({g, p.NC + 1, p.DQ}), M_all.view({g, p.NC + 1})};
 }
@@ -183,7 +181,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const at::ScalarType ct = p.ct, lp = p.lp;
   const double qk_scale = p.a.fw.qk_scale;
   auto sl = [&](const at::Tensor& t) { return t.narrow(0, g0, g); };
-  auto [C_all, N_all, M_all] = recompute_states(p, g0, g, ct);
+  auto [C_all, N_all, M_all] = recompute_states(p, g0, g, std::nullopt);
 
   // Gates (g, NC, L) and per-chunk factors (g, NC); m_k, m_{k+1}, m[t] are constants.
   const at::Tensor I = sl(p.I).view({g, NC, L}), F = sl(p.F).view({g, NC, L});
@@ -309,7 +307,8 @@ void run_group_fused(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out,
   };
   // C in 16 bits for the gram scan and bw_post (both multiply it in that dtype; the scan's dots
   // <C_k, G_{k+1}> then see the rounded C too); float32 for the plain scan of kGemm.
-  auto [C_all, N_all, M_all] = recompute_states(p, g0, g, mode == ScanMode::kGemm ? ct : lp);
+  auto [C_all, N_all, M_all] =
+      recompute_states(p, g0, g, mode == ScanMode::kGemm ? std::nullopt : std::optional<at::ScalarType>(lp));
   const at::Tensor m_prev = M_all.narrow(1, 0, NC), m_next = M_all.narrow(1, 1, NC);
   const at::Tensor g_k = log_forget(sl(p.F).view({g, NC, L})).sum(-1);
   const at::Tensor decay = at::exp((g_k + m_prev) - m_next).to(ct);

@@ -33,7 +33,9 @@ StatesArgs check_states_args(const at::Tensor& matK, const at::Tensor& matV,
                              const std::optional<at::Tensor>& vecN_initial,
                              const std::optional<at::Tensor>& scaM_initial, int64_t chunk_size);
 
-StatesOutputs allocate_states_outputs(const StatesArgs& a);
+// C in c_dtype where given (the CUDA backward's recompute keeps it in the 16-bit input dtype),
+// else, like n and m, in the compute dtype.
+StatesOutputs allocate_states_outputs(const StatesArgs& a, std::optional<at::ScalarType> c_dtype = std::nullopt);
 
 // Backends fill the outputs the op allocated (every slot, slot 0 included).
 void states_cpu(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all, at::Tensor& scaM_all);

@@ -510,9 +510,9 @@ HintraOutputs allocate_hintra_outputs(const HintraArgs& a, at::ScalarType stats_
   return {matH, vecN, vecM};
 }
 
-StatesOutputs allocate_states_outputs(const StatesArgs& a) {
+StatesOutputs allocate_states_outputs(const StatesArgs& a, std::optional<at::ScalarType> c_dtype) {
   const auto opts = a.matK.options().dtype(compute_dtype_of(a.matK));
-  return {at::empty({a.B, a.NH, (a.NC + 1) * a.DHQK, a.DHHV}, opts),
+  return {at::empty({a.B, a.NH, (a.NC + 1) * a.DHQK, a.DHHV}, c_dtype ? opts.dtype(*c_dtype) : opts),
           at::empty({a.B, a.NH, (a.NC + 1) * a.DHQK}, opts),
           at::empty({a.B, a.NH, a.NC + 1}, opts)};
 }
