@@ -75,15 +75,16 @@ __device__ void stage_gates(const BwParams& p, int64_t pair, int chunk, const Ga
 }
 
 // kRows x kBwTile elements (L rows unless said) of a row-major global matrix (16-byte aligned
-// rows) into a tile of row stride kLd, by the kernel's 2L threads; the caller commits and waits.
+// rows) into a tile of row stride kLd, by the block's kThreads threads; the caller commits and
+// waits.
 // Unrolled, each thread walking down the rows with one pointer: the copies of the H step measured
 // costly as a rolled loop with per-piece index arithmetic (benchmarks/NOTES.md).
-template <typename T, int L, int kRows = L>
+template <typename T, int L, int kRows = L, int kThreads = 2 * L>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t g_stride) {
   constexpr int kE = 16 / sizeof(T);
-  constexpr int kPieces = kBwTile / kE;        // 16-byte pieces per row
-  constexpr int kRowStep = 2 * L / kPieces;    // rows per pass of the block
-  static_assert((2 * L) % kPieces == 0 && kRows % kRowStep == 0, "whole passes");
+  constexpr int kPieces = kBwTile / kE;         // 16-byte pieces per row
+  constexpr int kRowStep = kThreads / kPieces;  // rows per pass of the block
+  static_assert(kThreads % kPieces == 0 && kRows % kRowStep == 0, "whole passes");
   const int r = threadIdx.x / kPieces, c = (threadIdx.x % kPieces) * kE;
   T* dst = s + r * kLd + c;
   const T* src = g + r * g_stride + c;
@@ -131,50 +132,56 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 }
 
 // acc = X Y^T over D / kBwTile staged tiles of the chunk's rows of X and Y (both (L, D) row-major
-// from x, y): the warp's 16 rows against the keys up to its last row.
+// from x, y): the warp's 16 rows (strip) against the kCols keys from c0, those up to its last row.
 template <typename T, int L>
-__device__ __forceinline__ void chunk_gram(float (&acc)[L / 8][4], const T* x, const T* y, int D,
-                                           T* sX, T* sY) {
-  const int warp = threadIdx.x / 32;
+__device__ __forceinline__ void chunk_gram(float (&acc)[PostWarps<L>::kCols / 8][4], const T* x, const T* y,
+                                           int D, T* sX, T* sY, int strip, int c0) {
+  constexpr int NT = PostWarps<L>::kCols / 8;
+  constexpr bool kOne = PostWarps<L>::kWC == 1;  // then c0 = 0 and every strip has keys
+  const int np_end = kOne ? strip + 1 : min(NT / 2, strip + 1 - c0 / 16);  // causal: key pairs up to the strip
   zero(acc);
   for (int d0 = 0; d0 < D; d0 += kBwTile) {
-    load_tile<T, L>(sX, x + d0, D);
-    load_tile<T, L>(sY, y + d0, D);
+    load_tile<T, L, L, PostWarps<L>::kThreads>(sX, x + d0, D);
+    load_tile<T, L, L, PostWarps<L>::kThreads>(sY, y + d0, D);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    warp_gemm<T, false, false, L / 8>(acc, sX + warp * 16 * kLd, kLd, sY, kLd, 0, kBwTile / 16, warp + 1);
+    if (kOne || np_end > 0) {
+      warp_gemm<T, false, false, NT>(acc, sX + strip * 16 * kLd, kLd, sY + c0 * kLd, kLd, 0, kBwTile / 16, np_end);
+    }
     __syncthreads();
   }
 }
 
-// acc = sum over i < n of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16 rows of
-// the (L, kBwTile) tiles X_i = x + i x_step (row stride x_ld) times the kBwTile x kBwTile 16-bit
-// blocks M_i = m + i m_step (row stride m_ld) of a state or its gradient. Two buffers each: the
-// loads of step i + 1 are in flight during the products of step i. Waits for every cp.async group
-// the caller committed before.
+// acc = sum over i < n of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16 rows
+// (strip) and kOutCols columns from c0 of the products of the (L, kBwTile) tiles X_i = x + i x_step
+// (row stride x_ld) and the kBwTile x kBwTile 16-bit blocks M_i = m + i m_step (row stride m_ld) of
+// a state or its gradient. Two buffers each: the loads of step i + 1 are in flight during the
+// products of step i. Waits for every cp.async group the caller committed before.
 template <typename T, int L, bool kBT>
-__device__ __forceinline__ void rows_by_state(float (&acc)[kBwTile / 8][4], const T* x, int64_t x_step,
-                                              int64_t x_ld, const T* m, int64_t m_step,
-                                              int64_t m_ld, int n, T* sX, T* sM) {
-  const int warp = threadIdx.x / 32;
+__device__ __forceinline__ void rows_by_state(float (&acc)[PostWarps<L>::kOutCols / 8][4], const T* x,
+                                              int64_t x_step, int64_t x_ld, const T* m, int64_t m_step,
+                                              int64_t m_ld, int n, T* sX, T* sM, int strip, int c0) {
+  constexpr int kThreads = PostWarps<L>::kThreads, NO = PostWarps<L>::kOutCols / 8;
+  // B is M^T ([n][k]: rows c0.. of M) or M ([k][n]: columns c0..).
+  const int b_off = kBT ? c0 : c0 * kLd;
   zero(acc);
-  load_tile<T, L>(sX, x, x_ld);
-  load_tile<T, L, kBwTile>(sM, m, m_ld);
+  load_tile<T, L, L, kThreads>(sX, x, x_ld);
+  load_tile<T, L, kBwTile, kThreads>(sM, m, m_ld);
   cp_async_commit();
   for (int i = 0; i < n; ++i) {
     T* x_buf = sX + (i & 1) * L * kLd;
     T* m_buf = sM + (i & 1) * kBwTile * kLd;
     if (i + 1 < n) {
-      load_tile<T, L>(sX + ((i + 1) & 1) * L * kLd, x + (i + 1) * x_step, x_ld);
-      load_tile<T, L, kBwTile>(sM + ((i + 1) & 1) * kBwTile * kLd, m + (i + 1) * m_step, m_ld);
+      load_tile<T, L, L, kThreads>(sX + ((i + 1) & 1) * L * kLd, x + (i + 1) * x_step, x_ld);
+      load_tile<T, L, kBwTile, kThreads>(sM + ((i + 1) & 1) * kBwTile * kLd, m + (i + 1) * m_step, m_ld);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    warp_gemm<T, false, kBT, kBwTile / 8>(acc, x_buf + warp * 16 * kLd, kLd, m_buf, kLd, 0, kBwTile / 16);
+    warp_gemm<T, false, kBT, NO>(acc, x_buf + strip * 16 * kLd, kLd, m_buf + b_off, kLd, 0, kBwTile / 16);
     __syncthreads();  // the buffers of step i are refilled at step i + 2
   }
 }
@@ -261,30 +268,43 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
     __syncthreads();
   }
 
-  // The row factors, then Qs (where asked) and Xn, two columns per thread, the rows in order
-  // (coalesced along the columns).
+  // The row factors, then Qs (where asked) and Xn by 64-column pieces: a warp per 16 rows (t =
+  // warp + NW j), a lane per two columns (coalesced along them); the warps' partial sums of Xn
+  // meet in shared memory (the Q tile, free now). A thread per column pair walking every row
+  // left three quarters of the block idle: bw_pre took a quarter of the backward at L = 128.
   if (p.qscale != nullptr) {
     for (int t = threadIdx.x; t < L; t += blockDim.x) p.qscale[row0 + t] = s.gq[t] * s.r[t];
   }
   T* Qs = p.qs != nullptr ? static_cast<T*>(p.qs) + row0 * p.DQ : nullptr;
   float* xn = p.xn + blk * p.DQ;
-  for (int d = 2 * threadIdx.x; d < p.DQ; d += 2 * blockDim.x) {
+  float* part = reinterpret_cast<float*>(sQ);  // [NW][kBwTile]
+  static_assert(L / NW == 16 && NW * kBwTile * 4 <= L * kLd * 2, "16 rows per warp; part fits the Q tile");
+  for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
+    const int d = d0 + 2 * lane;
     float x0 = 0.f, x1 = 0.f;
-    for (int t0 = 0; t0 < L; t0 += 8) {
+#pragma unroll
+    for (int j0 = 0; j0 < 16; j0 += 8) {
       float2 q[8];  // eight rows' loads in flight before the first store
 #pragma unroll
-      for (int j = 0; j < 8; ++j) q[j] = load2(Q + (t0 + j) * p.DQ + d);
+      for (int j = 0; j < 8; ++j) q[j] = load2(Q + (warp + NW * (j0 + j)) * p.DQ + d);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int t = t0 + j;
-        const float sc = s.gq[t] * s.r[t], w = s.gq[t] * s.dns[t];
+        const int t = warp + NW * (j0 + j);
+        const float sc = s.gq[t] * s.r[t], wt = s.gq[t] * s.dns[t];
         if (Qs != nullptr) *reinterpret_cast<uint32_t*>(Qs + t * p.DQ + d) = pack2<T>(q[j].x * sc, q[j].y * sc);
-        x0 = fmaf(q[j].x, w, x0);
-        x1 = fmaf(q[j].y, w, x1);
+        x0 = fmaf(q[j].x, wt, x0);
+        x1 = fmaf(q[j].y, wt, x1);
       }
     }
-    xn[d] = x0;
-    xn[d + 1] = x1;
+    part[warp * kBwTile + 2 * lane] = x0;
+    part[warp * kBwTile + 2 * lane + 1] = x1;
+    __syncthreads();
+    for (int c = threadIdx.x; c < kBwTile; c += blockDim.x) {
+      float x = 0.f;
+      for (int w = 0; w < NW; ++w) x += part[w * kBwTile + c];
+      xn[d0 + c] = x;
+    }
+    __syncthreads();  // part is rewritten by the next piece
   }
 }
 
@@ -313,11 +333,13 @@ __device__ __forceinline__ void store_with_inter(const float (&o)[NO][4], const 
 }
 
 // ------------------------------------------------------------------------------------------------
-// bw_post: everything else, per chunk.
-// At L = 64 three blocks fit per SM (75 KB of shared memory each, 168 registers at most).
+// bw_post: everything else, per chunk (PostWarps: the warps' rows and columns).
+// At L = 64 three blocks fit per SM (75 KB of shared memory each, 168 registers at most); at
+// L = 128 one of 16 warps (128 registers at most).
 template <typename T, int L>
-__global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const BwParams p) {
-  constexpr int NT = L / 8, NW = L / 16;
+__global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_post_kernel(const BwParams p) {
+  using Wp = PostWarps<L>;
+  constexpr int NT = Wp::kCols / 8, NS = Wp::kStrips, kWC = Wp::kWC;
   using Lay = PostSmem<L>;
   constexpr int LdL = Lay::kLdL;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -325,7 +347,7 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
   T* sB = sA + L * kLd;
   T* sDsp = reinterpret_cast<T*>(smem + Lay::kDsp);  // qk_scale dW o P, [t][s]
   T* sWr = reinterpret_cast<T*>(smem + Lay::kWr);    // W[t, s] r[t], [t][s]
-  float* frag = reinterpret_cast<float*>(smem + Lay::kFrag);  // r-less dH V^T, accumulator order
+  float* frag = reinterpret_cast<float*>(smem + Lay::kFrag);  // r-less dH V^T, accumulator order (kWC 1)
   T* sX = reinterpret_cast<T*>(smem + Lay::kX);  // after the elementwise step, in frag's place
   T* sM = reinterpret_cast<T*>(smem + Lay::kM);
   float* fl = reinterpret_cast<float*>(smem + Lay::kFloats);
@@ -336,6 +358,9 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
   float* kdot = qdot + L;              // k_s . (dK's inter-chunk term)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
+  // The warp's 16-row strip, and its first column of the L x L matrices (cl) and of an output
+  // tile (co).
+  const int strip = warp / kWC, cl = (warp % kWC) * Wp::kCols, co = (warp % kWC) * Wp::kOutCols;
   const int64_t blk = blockIdx.x, pair = blk / p.NC;
   const int chunk = static_cast<int>(blk % p.NC);
   const int64_t row0 = pair * p.S + static_cast<int64_t>(chunk) * L;
@@ -343,18 +368,27 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
   const T* K = static_cast<const T*>(p.k) + row0 * p.DQ;
   const T* V = static_cast<const T*>(p.v) + row0 * p.DV;
   const T* dH = static_cast<const T*>(p.dh) + row0 * p.DV;
-  for (int t = threadIdx.x; t < L; t += blockDim.x) cols[t] = 0.f;
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    cols[t] = 0.f;
+    if constexpr (kWC > 1) rows[t] = qdot[t] = kdot[t] = 0.f;  // summed over a strip's warps
+  }
   stage_gates<L>(p, pair, chunk, s, p.exact);
 
-  // ---- dH V^T (parked in shared memory), then S = Q K^T in registers.
-  const int t0 = warp * 16 + g, t1 = t0 + 8;
+  // ---- dH V^T (parked in shared memory where one warp spans a strip, else in registers), then
+  // S = Q K^T in registers.
+  const int t0 = strip * 16 + g, t1 = t0 + 8;
   float acc[NT][4];
-  chunk_gram<T, L>(acc, dH, V, p.DV, sA, sB);
+  float hv[kWC > 1 ? NT : 1][4];
+  if constexpr (kWC > 1) {
+    chunk_gram<T, L>(hv, dH, V, p.DV, sA, sB, strip, cl);
+  } else {
+    chunk_gram<T, L>(acc, dH, V, p.DV, sA, sB, strip, cl);
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-    *reinterpret_cast<float4*>(frag + ((warp * NT + nt) * 32 + lane) * 4) =
-        make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
-  chunk_gram<T, L>(acc, Q, K, p.DQ, sA, sB);
+    for (int nt = 0; nt < NT; ++nt)
+      *reinterpret_cast<float4*>(frag + ((warp * NT + nt) * 32 + lane) * 4) =
+          make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+  }
+  chunk_gram<T, L>(acc, Q, K, p.DQ, sA, sB, strip, cl);
 
   // ---- The L x L elementwise step: P, W = qk_scale S o P, dW = r dH V^T + dnsum (causal; the
   // masks select, so a later row's NaN stays out), the sums of dW o W, and the 16-bit operands.
@@ -362,12 +396,17 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
     float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const float4 dv = *reinterpret_cast<const float4*>(frag + ((warp * NT + nt) * 32 + lane) * 4);
-      const float dwv[4] = {dv.x, dv.y, dv.z, dv.w};
+      float dwv[4];
+      if constexpr (kWC > 1) {
+        dwv[0] = hv[nt][0], dwv[1] = hv[nt][1], dwv[2] = hv[nt][2], dwv[3] = hv[nt][3];
+      } else {
+        const float4 dv = *reinterpret_cast<const float4*>(frag + ((warp * NT + nt) * 32 + lane) * 4);
+        dwv[0] = dv.x, dwv[1] = dv.y, dwv[2] = dv.z, dwv[3] = dv.w;
+      }
       float dsp[4], wr[4], cs[2] = {0.f, 0.f};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int t = e < 2 ? t0 : t1, u = nt * 8 + 2 * tq + (e & 1);
+        const int t = e < 2 ? t0 : t1, u = cl + nt * 8 + 2 * tq + (e & 1);
         const bool ok = u <= t;
         const float pp = ok ? expf(span(s, t, u) + s.iv[u] - s.m[t]) : 0.f;
         const float w = ok ? p.qk_scale * acc[nt][e] * pp : 0.f;
@@ -378,7 +417,7 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
         dsp[e] = p.qk_scale * dw * pp;
         wr[e] = w * s.r[t];
       }
-      const int u = nt * 8 + 2 * tq;
+      const int u = cl + nt * 8 + 2 * tq;
       *reinterpret_cast<uint32_t*>(sDsp + t0 * LdL + u) = pack2<T>(dsp[0], dsp[1]);
       *reinterpret_cast<uint32_t*>(sDsp + t1 * LdL + u) = pack2<T>(dsp[2], dsp[3]);
       *reinterpret_cast<uint32_t*>(sWr + t0 * LdL + u) = pack2<T>(wr[0], wr[1]);
@@ -393,7 +432,13 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
       }
     }
     rs0 = quad_sum(rs0), rs1 = quad_sum(rs1);
-    if (tq == 0) rows[t0] = rs0, rows[t1] = rs1;
+    if (tq == 0) {
+      if constexpr (kWC > 1) {
+        atomicAdd(rows + t0, rs0), atomicAdd(rows + t1, rs1);
+      } else {
+        rows[t0] = rs0, rows[t1] = rs1;
+      }
+    }
   }
   __syncthreads();
 
@@ -407,38 +452,42 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
   const float* gn = p.gn + blk * p.DQ;
   const T* C_k = static_cast<const T*>(p.c_states) + (pair * (p.NC + 1) + chunk) * p.DQ * p.DV;
   const T* G_k = static_cast<const T*>(p.g_states) + blk * p.DQ * p.DV;  // the gradient of state k+1
-  constexpr int NO = kBwTile / 8;
+  constexpr int NO = Wp::kOutCols / 8, kThr = Wp::kThreads;
   for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
-    load_tile<T, L>(sA, Q + d0, p.DQ);
-    load_tile<T, L>(sB, K + d0, p.DQ);
+    load_tile<T, L, L, kThr>(sA, Q + d0, p.DQ);
+    load_tile<T, L, L, kThr>(sB, K + d0, p.DQ);
     cp_async_commit();
     float inter[NO][4], o[NO][4];
+    const int dc = d0 + co;  // the warp's first output column
     // dH C_k^T and V G_{k+1}^T over the DHHV blocks (the first also waits for the Q and K tiles).
-    rows_by_state<T, L, false>(inter, dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
+    rows_by_state<T, L, false>(inter, dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV,
+                               p.DV / kBwTile, sX, sM, strip, co);
     zero(o);
-    warp_gemm<T, false, true, NO>(o, sDsp + warp * 16 * LdL, LdL, sB, kLd, 0, warp + 1);
-    store_with_inter<T, NO>(o, inter, sA, static_cast<T*>(p.dq), row0, p.DQ, d0, t0, t1, qd0, qd1,
-                            [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * __ldg(n_k + d0 + d)); });
-    rows_by_state<T, L, false>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile, sX, sM);
+    warp_gemm<T, false, true, NO>(o, sDsp + strip * 16 * LdL, LdL, sB + co, kLd, 0, strip + 1);
+    store_with_inter<T, NO>(o, inter, sA + co, static_cast<T*>(p.dq), row0, p.DQ, dc, t0, t1, qd0, qd1,
+                            [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * __ldg(n_k + dc + d)); });
+    rows_by_state<T, L, false>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV,
+                               p.DV / kBwTile, sX, sM, strip, co);
     zero(o);
-    warp_gemm<T, true, true, NO>(o, sDsp + warp * 16, LdL, sA, kLd, warp, NW);
-    store_with_inter<T, NO>(o, inter, sB, static_cast<T*>(p.dk), row0, p.DQ, d0, t0, t1, kd0, kd1,
-                            [&](int u, int d, float x) { return s.ga[u] * (x + __ldg(gn + d0 + d)); });  // u: a key row
+    warp_gemm<T, true, true, NO>(o, sDsp + strip * 16, LdL, sA + co, kLd, strip, NS);
+    store_with_inter<T, NO>(o, inter, sB + co, static_cast<T*>(p.dk), row0, p.DQ, dc, t0, t1, kd0, kd1,
+                            [&](int u, int d, float x) { return s.ga[u] * (x + __ldg(gn + dc + d)); });  // u: a key row
     __syncthreads();
   }
 
   // ---- dV, a DHHV tile at a time: dV[s] = sum_t W[t, s] r[t] dH_t + ga[s] (K G_{k+1})[s].
   for (int e0 = 0; e0 < p.DV; e0 += kBwTile) {
-    load_tile<T, L>(sA, dH + e0, p.DV);
+    load_tile<T, L, L, kThr>(sA, dH + e0, p.DV);
     cp_async_commit();
     float inter[NO][4], o[NO][4];
     // K G_{k+1} over the DHQK blocks (also waits for the dH tile).
-    rows_by_state<T, L, true>(inter, K, kBwTile, p.DQ, G_k + e0, kBwTile * p.DV, p.DV, p.DQ / kBwTile, sX, sM);
+    rows_by_state<T, L, true>(inter, K, kBwTile, p.DQ, G_k + e0, kBwTile * p.DV, p.DV, p.DQ / kBwTile, sX, sM,
+                              strip, co);
     zero(o);
-    warp_gemm<T, true, true, NO>(o, sWr + warp * 16, LdL, sA, kLd, warp, NW);
+    warp_gemm<T, true, true, NO>(o, sWr + strip * 16, LdL, sA + co, kLd, strip, NS);
 #pragma unroll
     for (int nt = 0; nt < NO; ++nt) {
-      const int d = nt * 8 + 2 * tq;
+      const int d = co + nt * 8 + 2 * tq;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int u = j == 0 ? t0 : t1;
@@ -454,7 +503,13 @@ __global__ void __launch_bounds__(2 * L, L == 64 ? 3 : 1) bw_post_kernel(const B
   // ga and the decay hold g_k); dI = cols + k.dK_inter; dF = reverse cumsum of d/d bg times
   // sigmoid(-f) within the chunk.
   qd0 = quad_sum(qd0), qd1 = quad_sum(qd1), kd0 = quad_sum(kd0), kd1 = quad_sum(kd1);
-  if (tq == 0) qdot[t0] = qd0, qdot[t1] = qd1, kdot[t0] = kd0, kdot[t1] = kd1;
+  if (tq == 0) {
+    if constexpr (kWC > 1) {  // two addends onto zero: the same sum in either order
+      atomicAdd(qdot + t0, qd0), atomicAdd(qdot + t1, qd1), atomicAdd(kdot + t0, kd0), atomicAdd(kdot + t1, kd1);
+    } else {
+      qdot[t0] = qd0, qdot[t1] = qd1, kdot[t0] = kd0, kdot[t1] = kd1;
+    }
+  }
   __syncthreads();
   if (warp == 0) {
     float kd_sum = 0.f;
@@ -490,7 +545,7 @@ void launch_bw(const BwParams& p, bool post, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         cudaSharedmemCarveoutMaxShared));
   }
-  kernel<<<static_cast<unsigned>(p.num_blocks), 2 * L, bytes, stream>>>(p);
+  kernel<<<static_cast<unsigned>(p.num_blocks), post ? PostWarps<L>::kThreads : 2 * L, bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

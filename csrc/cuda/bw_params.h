@@ -53,8 +53,22 @@ struct PreSmem {
   static constexpr int kBytes = 2 * L * kLd * 2 + ((kGateArrays + 2) * L + kBwTile) * 4;
 };
 
+// bw_post's warps (bw_kernels.cuh): kWC per 16-row strip of the chunk, each taking a column
+// slice of the strip's L x L rows (kCols columns) and of each output tile (kOutCols). At L = 128
+// two: 16 warps, so that S and dH V^T both stay in registers (no 64 KB park in shared memory) and
+// twice the warps hide the copies of the one block that fits per SM.
+template <int L>
+struct PostWarps {
+  static constexpr int kWC = L == 128 ? 2 : 1;
+  static constexpr int kStrips = L / 16;
+  static constexpr int kThreads = 32 * kStrips * kWC;
+  static constexpr int kCols = L / kWC;
+  static constexpr int kOutCols = kBwTile / kWC;
+};
+
 // Byte offsets: the Q/K (or dH) tiles, the two L x L operands, then one region that holds the
-// parked dH V^T during the elementwise step and the inter-chunk tiles after it, then the floats.
+// parked dH V^T during the elementwise step (where one warp spans a strip; with two, it stays in
+// registers) and the inter-chunk tiles after it, then the floats.
 template <int L>
 struct PostSmem {
   static constexpr int kLdL = L + 8;  // row stride of the L x L 16-bit matrices
@@ -65,7 +79,8 @@ struct PostSmem {
   static constexpr int kX = kFrag;                     // two (L, 64) tiles of dH, V or K
   static constexpr int kM = kX + 2 * L * kLd * 2;      // two 64 x 64 blocks of a state, 16-bit
   static constexpr int kInter = 2 * (L + kBwTile) * kLd * 2;
-  static constexpr int kRegion = L * L * 4 > kInter ? L * L * 4 : kInter;
+  static constexpr int kPark = PostWarps<L>::kWC == 1 ? L * L * 4 : 0;
+  static constexpr int kRegion = kPark > kInter ? kPark : kInter;
   static constexpr int kFloats = kFrag + kRegion;
   static constexpr int kBytes = kFloats + (kGateArrays + 4) * L * 4;
 };
