@@ -71,18 +71,27 @@ SHAPES = [
 ]
 
 
+# The kernel runs one or two warps per 16-row strip (the plan picks two for grids of at most two
+# blocks per SM, i.e. every small shape here); MLSTM_EXT_STATES_SPLIT forces either.
+SPLITS = pytest.mark.parametrize("split", ["0", "1"], ids=["one_warp_per_strip", "two_warps_per_strip"])
+
+
+@SPLITS
 @pytest.mark.parametrize("init", [True, False], ids=["init", "zeros"])
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_vs_reference(shape, dtype, init):
+def test_vs_reference(shape, dtype, init, split, monkeypatch):
+    monkeypatch.setenv("MLSTM_EXT_STATES_SPLIT", split)
     B, NH, S, DHQK, DHHV, L = shape
     args = make(B, NH, S, DHQK, DHHV, dtype, seed=hash(shape) % 1000, init=init)
     check(run(args, L), ref64(args, L), dtype)
 
 
 @pytest.mark.parametrize("f_mean,i_mean", [(-2.0, 0.0), (6.0, 0.0), (3.0, 5.0), (3.0, -5.0), (0.0, 10.0)])
+@SPLITS
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_gate_regimes(dtype, f_mean, i_mean):
+def test_gate_regimes(dtype, f_mean, i_mean, split, monkeypatch):
+    monkeypatch.setenv("MLSTM_EXT_STATES_SPLIT", split)
     args = make(2, 2, 384, 64, 96, dtype, seed=7, f_mean=f_mean, i_mean=i_mean)
     check(run(args, 64), ref64(args, 64), dtype)
 
@@ -268,8 +277,12 @@ def test_float64_refused():
         run(args, 32)
 
 
-def test_large_model_shape():
-    """(8, 16, 4096, 128, 128, 64) bf16: three (b, h) slices against float64."""
+@pytest.mark.parametrize("split", ["plan", "1"])
+def test_large_model_shape(split, monkeypatch):
+    """(8, 16, 4096, 128, 128, 64) bf16 (512 blocks: one warp per strip by the plan, or two
+    forced): three (b, h) slices against float64."""
+    if split != "plan":
+        monkeypatch.setenv("MLSTM_EXT_STATES_SPLIT", split)
     B, NH, S, D, L = 8, 16, 4096, 128, 64
     args = make(B, NH, S, D, D, BF16, seed=53)
     outs = run(args, L)

@@ -43,6 +43,7 @@ struct DeviceFacts {
   int cc_major = 0, cc_minor = 0;
   int smem_per_block_optin = 0;  // bytes
   int smem_per_sm = 0;           // bytes
+  int sm_count = 0;              // streaming multiprocessors
 };
 
 struct HintraPlan {

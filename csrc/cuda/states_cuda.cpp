@@ -4,12 +4,27 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 
+#include "cuda/device_facts.h"
 #include "cuda/states_params.h"
 #include "cuda/tensor_layout.h"
 #include "states.h"
 
 namespace mlstm {
+namespace {
+
+// Two warps per strip (StatesTraits kSplit = 2) when the grid has at most two blocks per SM: one
+// warp per strip would then leave the SMs under 16 warps, while 8-warp blocks still run in one
+// wave. MLSTM_EXT_STATES_SPLIT=0 / 1 (read at every call) forces one way, for tests and A/B.
+bool states_split(int64_t blocks, int device) {
+  const char* env = std::getenv("MLSTM_EXT_STATES_SPLIT");
+  if (env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0)) return env[0] == '1';
+  return blocks <= 2 * static_cast<int64_t>(cuda::device_facts(device).sm_count);
+}
+
+}  // namespace
 
 void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all, at::Tensor& scaM_all) {
   check_not_float64_on_cuda("recurrent_fw_states", "matK", a.matK);
@@ -94,6 +109,7 @@ void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all
   p.n_hvt = static_cast<int>(std::max<int64_t>(1, (a.DHHV + Tiles::kBHV - 1) / Tiles::kBHV));
   p.k_vec = cuda::rows_aligned16(k, 2);
   p.v_vec = cuda::rows_aligned16(v, 2);
+  p.split = states_split(num_bh * p.n_qkt * p.n_hvt, a.matK.get_device());
 
   switch (a.matK.scalar_type()) {
     case at::kBFloat16: cuda::launch_states_bf16(p, num_bh, stream); break;

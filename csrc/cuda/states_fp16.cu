@@ -3,6 +3,6 @@
 
 namespace mlstm::cuda {
 void launch_states_fp16(const StatesParams& p, int64_t num_bh, cudaStream_t stream) {
-  launch_states<StatesTraits<__half>>(p, num_bh, stream);
+  launch_states<__half>(p, num_bh, stream);
 }
 }  // namespace mlstm::cuda

@@ -46,6 +46,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, tq = lane % 4;
+  // The warp's strip of 16 rows, and its share of the strip's k-steps (part 0 of kSplit also
+  // holds the initial state and stores the slots).
+  const int strip = Tr::kSplit == 1 ? warp : warp % Tr::kStrips;
+  const int part = Tr::kSplit == 1 ? 0 : warp / Tr::kStrips;
 
   // blockIdx.x = (bh * n_qkt + qkt) * n_hvt + hvt: the blocks of one (b, h) run side by side and
   // share its K and V through L2.
@@ -57,7 +61,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
   const int dq0 = qkt * Tr::kBQK, dv0 = hvt * Tr::kBHV;
   const int dq_valid = min(Tr::kBQK, p.DHQK - dq0);  // <= 0 only when DHQK = 0
   const int dv_valid = min(Tr::kBHV, p.DHHV - dv0);  // <= 0 only when DHHV = 0
-  const int wr = warp * 16;                           // the warp's first row in the tile
+  const int wr = strip * 16;                          // the warp's first row in the tile
   const bool warp_active = wr < dq_valid;
   const int r0 = dq0 + wr + g, r1 = r0 + 8;           // this lane's two DHQK rows
   const int64_t slots = static_cast<int64_t>(p.NC) + 1;
@@ -70,14 +74,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = e < 2 ? r0 : r1, col = dv0 + nt * 8 + 2 * tq + (e & 1);
-      acc[nt][e] = (p.C0 != nullptr && row < p.DHQK && col < p.DHHV)
+      acc[nt][e] = (part == 0 && p.C0 != nullptr && row < p.DHQK && col < p.DHHV)
                        ? p.C0[b * p.C0_sb + h * p.C0_sh + row * p.C0_sr + col * p.C0_sc]
                        : 0.f;
     }
   }
   // n: per-lane partial sums of rows r0, r1; the quad's sum is the state (n_0 sits in lane tq = 0).
   float n_part[2] = {0.f, 0.f};
-  if (p.n0 != nullptr && tq == 0) {
+  if (part == 0 && p.n0 != nullptr && tq == 0) {
     const float* n0 = p.n0 + b * p.n0_sb + h * p.n0_sh;
     if (r0 < p.DHQK) n_part[0] = n0[r0 * p.n0_sr];
     if (r1 < p.DHQK) n_part[1] = n0[r1 * p.n0_sr];
@@ -85,18 +89,49 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
   float m = p.m0 != nullptr ? p.m0[b * p.m0_sb + h * p.m0_sh] : 0.f;
 
   // Writes this block's part of state slot `slot`: its C tile (every block), its n slice (blocks
-  // of DHHV tile 0), m (the block of tile (0, 0)). C goes through this warp's 16 staging rows so
+  // of DHHV tile 0), m (the block of tile (0, 0)). C goes through the strip's 16 staging rows so
   // that the global stores are whole 16-byte pieces along rows; streaming (.cs) stores keep the
   // states, never read again here, from evicting the K and V rows that sibling blocks re-read.
+  // kSplit = 2: part 1 leaves its partial C and n there first, part 0 adds its own and stores.
+  // Called by every thread of the block at once (the barrier below).
   float* stage_c = reinterpret_cast<float*>(smem + Tr::kStagingOff) + wr * Tr::kSC;
   const bool out_vec = (p.DHHV % 4) == 0;
+  auto quad_sum = [&](float& s0, float& s1) {
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+  };
   auto store_slot = [&](int64_t slot) {
+    if constexpr (Tr::kSplit == 2) {
+      if (part == 1 && warp_active) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int col = nt * 8 + 2 * tq;
+          *reinterpret_cast<float2*>(stage_c + g * Tr::kSC + col) = make_float2(acc[nt][0], acc[nt][1]);
+          *reinterpret_cast<float2*>(stage_c + (g + 8) * Tr::kSC + col) = make_float2(acc[nt][2], acc[nt][3]);
+        }
+        float s0 = n_part[0], s1 = n_part[1];
+        quad_sum(s0, s1);
+        if (tq == 0) stage_c[g * Tr::kSC + Tr::kBHV] = s0, stage_c[(g + 8) * Tr::kSC + Tr::kBHV] = s1;
+      }
+      __syncthreads();
+      if (part == 1) return;
+    }
     if (warp_active && dv_valid > 0) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int col = nt * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(stage_c + g * Tr::kSC + col) = make_float2(acc[nt][0], acc[nt][1]);
-        *reinterpret_cast<float2*>(stage_c + (g + 8) * Tr::kSC + col) = make_float2(acc[nt][2], acc[nt][3]);
+        float2* x0 = reinterpret_cast<float2*>(stage_c + g * Tr::kSC + col);
+        float2* x1 = reinterpret_cast<float2*>(stage_c + (g + 8) * Tr::kSC + col);
+        if constexpr (Tr::kSplit == 2) {  // the other part's sum and this one's, in a fixed order
+          const float2 o0 = *x0, o1 = *x1;
+          *x0 = make_float2(acc[nt][0] + o0.x, acc[nt][1] + o0.y);
+          *x1 = make_float2(acc[nt][2] + o1.x, acc[nt][3] + o1.y);
+        } else {
+          *x0 = make_float2(acc[nt][0], acc[nt][1]);
+          *x1 = make_float2(acc[nt][2], acc[nt][3]);
+        }
       }
       __syncwarp();
       // Lane: one 16-byte column piece c of rows r, r + kRowStep, ... of the warp's 16 rows.
@@ -135,10 +170,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
     }
     if (hvt == 0 && warp_active) {
       float s0 = n_part[0], s1 = n_part[1];
-      s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-      s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-      s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-      s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+      quad_sum(s0, s1);
+      if constexpr (Tr::kSplit == 2) s0 += stage_c[g * Tr::kSC + Tr::kBHV], s1 += stage_c[(g + 8) * Tr::kSC + Tr::kBHV];
       if (tq == 0) {
         float* n_out = p.n + (bh * slots + slot) * p.DHQK;
         if (r0 < p.DHQK) n_out[r0] = s0;
@@ -226,7 +259,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
       if constexpr (Tr::kIsFloat) {
         const int ksteps = (rows + 7) / 8;
 #pragma unroll 1
-        for (int ks = 0; ks < ksteps; ++ks) {
+        for (int ks = part; ks < ksteps; ks += Tr::kSplit) {
           // A = (K^T diag(w)) fragment: a0 (row g, k tq), a1 (g+8, tq), a2 (g, tq+4), a3 (g+8, tq+4).
           const int sA = ks * 8 + tq, sB = sA + 4;
           const float wA = weight(sA), wB = weight(sB);
@@ -246,7 +279,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
       } else {
         const int ksteps = (rows + 15) / 16;
 #pragma unroll 1
-        for (int ks = 0; ks < ksteps; ++ks) {
+        for (int ks = part; ks < ksteps; ks += Tr::kSplit) {
           const int s0 = ks * 16 + 2 * tq;
           const float w0 = weight(s0), w1 = weight(s0 + 1), w8 = weight(s0 + 8), w9 = weight(s0 + 9);
           // K^T fragment by ldmatrix .trans of the row-major K step: kr[0] = rows r0 at keys

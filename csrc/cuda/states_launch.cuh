@@ -11,11 +11,7 @@
 namespace mlstm::cuda {
 
 template <class Tr>
-void launch_states(const StatesParams& p, int64_t num_bh, cudaStream_t stream) {
-  const int64_t blocks = num_bh * p.n_qkt * p.n_hvt;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "recurrent_fw_states: ", num(blocks),
-              " thread blocks exceed the CUDA grid limit; split the batch");
-  if (blocks == 0) return;
+void launch_states_with(const StatesParams& p, int64_t blocks, cudaStream_t stream) {
   constexpr int smem = Tr::kSmemBytes;
   auto kernel = states_kernel<Tr, false>;
   if constexpr (!Tr::kIsFloat) {
@@ -27,6 +23,20 @@ void launch_states(const StatesParams& p, int64_t num_bh, cudaStream_t stream) {
   }
   kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One or two warps per strip (p.split, from the plan in states_cuda.cpp).
+template <typename T>
+void launch_states(const StatesParams& p, int64_t num_bh, cudaStream_t stream) {
+  const int64_t blocks = num_bh * p.n_qkt * p.n_hvt;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "recurrent_fw_states: ", num(blocks),
+              " thread blocks exceed the CUDA grid limit; split the batch");
+  if (blocks == 0) return;
+  if (p.split) {
+    launch_states_with<StatesTraits<T, 2>>(p, blocks, stream);
+  } else {
+    launch_states_with<StatesTraits<T, 1>>(p, blocks, stream);
+  }
 }
 
 }  // namespace mlstm::cuda

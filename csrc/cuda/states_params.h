@@ -57,6 +57,8 @@ struct StatesParams {
   int DHQK, DHHV, L, NC;
   int n_qkt, n_hvt;  // DHQK tiles, DHHV tiles (at least 1 each: the block of tile (0, 0) writes m)
   bool k_vec, v_vec; // rows 16-byte aligned: cp.async path
+  bool split;        // two warps per 16-row strip (StatesTraits kSplit = 2): chosen by the plan
+                     // when the grid is too small to give every SM 16 warps otherwise
 };
 
 // Build-time knobs for A/B runs (the `ab` stage of benchmarks/gpu_check.sh): ring depth and minimum resident blocks
@@ -68,31 +70,41 @@ struct StatesParams {
 #define MLSTM_EXT_STATES_MINB 4
 #endif
 
-// The tile plan. A block of 4 warps holds a kBQK x kBHV tile of C (each warp 16 rows of DHQK,
-// all kBHV columns) and streams the sequence in steps of kBL positions (a chunk is
-// ceil(L / kBL) steps) through a kStages-deep cp.async ring. Row strides are padded by 8
+// The tile plan. A block holds a kBQK x kBHV tile of C in 4 strips of 16 DHQK rows (all kBHV
+// columns) and streams the sequence in steps of kBL positions (a chunk is ceil(L / kBL) steps)
+// through a kStages-deep cp.async ring. kSplit warps share a strip: each takes every kSplit-th
+// k-step of a step's positions into its own partial C and n, summed only when a slot is stored
+// (the decay is linear, so each partial takes it alone). kSplit = 2 doubles the warps that hide
+// each other's latency where the grid has few blocks: (1, 8, *, 256, 512, *) has 256 blocks,
+// under 2 warps per scheduler on an H100 with one warp per strip (ncu: 5.3 cycles between a
+// warp's instructions, 41% of them waiting on a fixed-latency dependency). Row strides are padded by 8
 // elements: ldmatrix rows at an odd multiple of 16 bytes (16-bit) and 4-byte fragment loads on
 // 32 distinct banks (float32); the C staging rows (72 floats = 8 mod 32 banks) take the
 // accumulators' float2 writes without conflicts.
-template <typename T_>
+template <typename T_, int kSplit_ = 1>
 struct StatesTraits {
   using T = T_;
   static constexpr bool kIsFloat = std::is_same_v<T, float>;
-  static constexpr int kWarps = 4;
+  static constexpr int kStrips = 4;
+  static constexpr int kSplit = kSplit_;           // warps per strip
+  static constexpr int kWarps = kStrips * kSplit;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBQK = 16 * kWarps;         // DHQK rows of C per block
+  static constexpr int kBQK = 16 * kStrips;        // DHQK rows of C per block
   static constexpr int kBHV = 64;                  // DHHV columns of C per block
   static constexpr int kBL = kIsFloat ? 32 : 64;   // sequence positions per ring stage
   static constexpr int kStages = MLSTM_EXT_STATES_STAGES;
   static constexpr int kKStep = kIsFloat ? 8 : 16; // k of one mma
   static constexpr int kSK = kBQK + 8;             // K stage row stride (elements)
   static constexpr int kSV = kBHV + 8;             // V stage row stride (elements)
-  static constexpr int kSC = kBHV + 8;             // C staging row stride (floats)
+  static constexpr int kSC = kBHV + 8;             // C staging row stride (floats); column
+                                                   // kBHV carries the second warp's n (kSplit 2)
   // Four blocks per SM: all 512 blocks of (8, 16, *, 128, 128, *) resident in one wave on an
-  // H100 (132 SMs), which the ~55 KB of shared memory per block also allows.
-  static constexpr int kMinBlocks = MLSTM_EXT_STATES_MINB;
+  // H100 (132 SMs), which the ~55 KB of shared memory per block also allows. kSplit = 2: two
+  // blocks of 8 warps, the same register budget per thread.
+  static constexpr int kMinBlocks = kSplit == 1 ? MLSTM_EXT_STATES_MINB : 2;
+  static_assert(kSplit == 1 || kSplit == 2, "one or two warps per strip");
 
-  // Shared memory: kStages x {K tile, V tile, a[kBL], (g, max a)} | C staging (16 rows per warp).
+  // Shared memory: kStages x {K tile, V tile, a[kBL], (g, max a)} | C staging (16 rows per strip).
   static constexpr int kKBytes = kBL * kSK * static_cast<int>(sizeof(T));
   static constexpr int kVBytes = kBL * kSV * static_cast<int>(sizeof(T));
   static constexpr int kABytes = kBL * 4;
