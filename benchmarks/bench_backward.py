@@ -1,6 +1,9 @@
 """The backward op alone on CUDA: the fused kernels against the batched-GEMM path
 (MLSTM_EXT_FUSED_BACKWARD=0), alternated in one process, with the relative difference of every
 gradient between the two and, with --profile N, a kernel profile of the fused path at shape N.
+The fused path in the normaliser-constant convention is timed beside them: it skips bw_pre's
+exact-mode half (S = Q K^T and q . n_k, for nsum alone), so exact minus it bounds what a signed
+normaliser saved by the forward could take off.
 
     python3 benchmarks/bench_backward.py [--profile 0]
 """
@@ -32,8 +35,8 @@ def main():
     p.add_argument("--profile", type=int, default=-1, help="profile the fused path at this shape index")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print("| (B, NH, S, DHQK, DHHV, L) | dtype | batched-GEMM path ms | fused ms | speed-up | rel dQ/dK/dV/dI/dF |")
-    print("| --- | --- | ---: | ---: | ---: | --- |")
+    print("| (B, NH, S, DHQK, DHHV, L) | dtype | batched-GEMM path ms | fused ms | speed-up | fused, normaliser constant ms | rel dQ/dK/dV/dI/dF |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for si, (B, NH, S, DQ, DV, L) in enumerate(SHAPES):
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k = (torch.randn(B, NH, S, DQ, device="cuda", generator=g).bfloat16() for _ in range(2))
@@ -43,20 +46,24 @@ def main():
         out = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, chunk_size=L)
         dH = torch.randn_like(out[0])
 
-        def bwd():
+        def bwd(grad_mode="exact"):
             return torch.ops.mlstm.chunkwise_bw(q, k, v, i, f, None, None, None, out[0], out[4], out[5],
-                                                dH, None, None, chunk_size=L)
-        ms, grads = {"0": [], "1": []}, {}
-        for mode in ("0", "1", "0", "1"):  # alternated: drifts of the card hit both
-            os.environ["MLSTM_EXT_FUSED_BACKWARD"] = mode
-            grads[mode] = bwd()
-            bwd()
-            ms[mode].append(time_ms(bwd))
+                                                dH, None, None, chunk_size=L, grad_mode=grad_mode)
+
+        def bwd_nc():
+            return bwd("normaliser_constant")
+        ms, grads = {"0": [], "1": [], "nc": []}, {}
+        for mode in ("0", "1", "nc", "0", "1", "nc"):  # alternated: drifts of the card hit all
+            os.environ["MLSTM_EXT_FUSED_BACKWARD"] = "1" if mode == "nc" else mode
+            fn = bwd_nc if mode == "nc" else bwd
+            grads[mode] = fn()
+            fn()
+            ms[mode].append(time_ms(fn))
         os.environ.pop("MLSTM_EXT_FUSED_BACKWARD")
         rel = [((a.float() - b.float()).norm() / b.float().norm()).item()
                for a, b in zip(grads["1"][:5], grads["0"][:5])]
-        old, new = min(ms["0"]), min(ms["1"])
-        print(f"| {(B, NH, S, DQ, DV, L)} | bf16 | {old:.3f} | {new:.3f} | {old / new:.1f}x | "
+        old, new, nc = min(ms["0"]), min(ms["1"]), min(ms["nc"])
+        print(f"| {(B, NH, S, DQ, DV, L)} | bf16 | {old:.3f} | {new:.3f} | {old / new:.1f}x | {nc:.3f} | "
               + "/".join(f"{e:.1e}" for e in rel) + " |", flush=True)
         if si == args.profile:
             from torch.profiler import ProfilerActivity, profile
