@@ -27,6 +27,13 @@
 #                     tree the same way when the build stage did not run; then
 #                     benchmarks/bench_gpu.py --ab BASE_LIB,CURRENT_LIB ($AB_ARGS added, e.g.
 #                     "--full --rounds 5"); ab.md / ab.json in $OUT
+#            profile  Nsight Compute on one launch of each kernel in $PROFILE_CASES (words
+#                     KERNEL_REGEX:OP:B,NH,S,DHQK,DHHV,L run by benchmarks/ncu_case.py; default: bw_pre and
+#                     bw_post at (8,16,4096,128,128,128), the states kernel and the H step at
+#                     (1,8,16384,256,512,128)): occupancy, scheduler and stall numbers in
+#                     $OUT/ncu.txt; then benchmarks/bench_backward.py --profile 1 (the backward's
+#                     kernels, and its exact against its normaliser-constant time) in
+#                     $OUT/bench_backward.md
 #   OUT      output folder (default /tmp/mlstm_gpu_out); logs, bench.md/.json/.png go there
 #   BENCH    quick (default) | full | check
 #   PTXAS_V  1 (default): build with NVCC_APPEND_FLAGS=-Xptxas=-v to record registers/spills
@@ -276,6 +283,32 @@ do_ab() {
     "$PY" benchmarks/bench_gpu.py --ab "$old,$new" --out "$OUT/ab.md" ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log"
 }
 want ab && run_stage ab do_ab
+
+# ------------------------------------------------------------------ Nsight Compute
+do_profile() {
+    local ncu spec kernel op shape
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1) || true
+    [ -n "$ncu" ] || { echo "ncu not found"; return 1; }
+    : >"$OUT/ncu.txt"
+    for spec in ${PROFILE_CASES:-bw_pre:bw:8,16,4096,128,128,128 bw_post:bw:8,16,4096,128,128,128 \
+                 states_kernel:states:1,8,16384,256,512,128 hintra:hstep:1,8,16384,256,512,128}; do
+        IFS=: read -r kernel op shape <<<"$spec"
+        echo "== $kernel ($op at $shape)" | tee -a "$OUT/ncu.txt"
+        local sections=(--section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats)
+        # The stall reasons as numbers (the section shows them only as a chart); without them if
+        # this ncu refuses the metric pattern.
+        timeout 180 "$ncu" -k "regex:$kernel" --launch-skip 1 --launch-count 1 "${sections[@]}" \
+            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+            "$PY" benchmarks/ncu_case.py --op "$op" --shape "$shape" >"$OUT/ncu_$kernel.log" 2>&1 || true
+        grep -q Duration "$OUT/ncu_$kernel.log" ||
+            timeout 180 "$ncu" -k "regex:$kernel" --launch-skip 1 --launch-count 1 "${sections[@]}" \
+                "$PY" benchmarks/ncu_case.py --op "$op" --shape "$shape" >"$OUT/ncu_$kernel.log" 2>&1 || true
+        grep -E "^  [a-z_]+.*\(|Duration|Throughput|Eligible|Active Warps|Issued Warp|Occupancy|Block Limit Reg|Warp Cycles|stalled" \
+            "$OUT/ncu_$kernel.log" | grep -v -E " 0(\.0+)?$" | tee -a "$OUT/ncu.txt" || true
+    done
+    "$PY" benchmarks/bench_backward.py --profile 1 2>&1 | tee "$OUT/bench_backward.md"
+}
+want profile && run_stage profile do_profile
 
 # ------------------------------------------------------------------ summary
 echo
