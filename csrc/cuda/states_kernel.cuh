@@ -102,15 +102,26 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
     s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
     s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
   };
+  // This warp's C accumulators into the strip's staging rows: in place of what they hold, or
+  // (add: kSplit = 2, part 0) added to the other part's partial sums, in a fixed order.
+  auto stage_acc = [&](bool add) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int col = nt * 8 + 2 * tq;
+      float2* x0 = reinterpret_cast<float2*>(stage_c + g * Tr::kSC + col);
+      float2* x1 = reinterpret_cast<float2*>(stage_c + (g + 8) * Tr::kSC + col);
+      float2 a0 = make_float2(acc[nt][0], acc[nt][1]), a1 = make_float2(acc[nt][2], acc[nt][3]);
+      if (add) {
+        const float2 o0 = *x0, o1 = *x1;
+        a0.x += o0.x, a0.y += o0.y, a1.x += o1.x, a1.y += o1.y;
+      }
+      *x0 = a0, *x1 = a1;
+    }
+  };
   auto store_slot = [&](int64_t slot) {
     if constexpr (Tr::kSplit == 2) {
       if (part == 1 && warp_active) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int col = nt * 8 + 2 * tq;
-          *reinterpret_cast<float2*>(stage_c + g * Tr::kSC + col) = make_float2(acc[nt][0], acc[nt][1]);
-          *reinterpret_cast<float2*>(stage_c + (g + 8) * Tr::kSC + col) = make_float2(acc[nt][2], acc[nt][3]);
-        }
+        stage_acc(false);
         float s0 = n_part[0], s1 = n_part[1];
         quad_sum(s0, s1);
         if (tq == 0) stage_c[g * Tr::kSC + Tr::kBHV] = s0, stage_c[(g + 8) * Tr::kSC + Tr::kBHV] = s1;
@@ -119,20 +130,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
       if (part == 1) return;
     }
     if (warp_active && dv_valid > 0) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int col = nt * 8 + 2 * tq;
-        float2* x0 = reinterpret_cast<float2*>(stage_c + g * Tr::kSC + col);
-        float2* x1 = reinterpret_cast<float2*>(stage_c + (g + 8) * Tr::kSC + col);
-        if constexpr (Tr::kSplit == 2) {  // the other part's sum and this one's, in a fixed order
-          const float2 o0 = *x0, o1 = *x1;
-          *x0 = make_float2(acc[nt][0] + o0.x, acc[nt][1] + o0.y);
-          *x1 = make_float2(acc[nt][2] + o1.x, acc[nt][3] + o1.y);
-        } else {
-          *x0 = make_float2(acc[nt][0], acc[nt][1]);
-          *x1 = make_float2(acc[nt][2], acc[nt][3]);
-        }
-      }
+      stage_acc(Tr::kSplit == 2);
       __syncwarp();
       // Lane: one 16-byte column piece c of rows r, r + kRowStep, ... of the warp's 16 rows.
       constexpr int kPieces = Tr::kBHV / 4;  // float4 pieces per row
