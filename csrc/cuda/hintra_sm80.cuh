@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kern
               if constexpr (std::is_same_v<T, __half>) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&a[i]));
+                  const float2 f = unpack2<__half>(a[i]);
                   split_bf16(f.x, f.y, a[i], a_lo[i]);
                 }
               }

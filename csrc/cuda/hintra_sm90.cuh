@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     if constexpr (Tr::kF16) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&qa[i]));
+        const float2 f = unpack2<__half>(qa[i]);
         split_bf16(f.x, f.y, qa[i], qlo[i]);
       }
     }
