@@ -6,7 +6,7 @@
 
 OP: hstep (default: ``parallel_fw_hintra``), forward (``chunkwise_fw``) or fwbw (``chunkwise_fw``
 then ``chunkwise_bw`` with dH = 1, i.e. the gradients of H.sum(), exact convention; the ops
-directly, without autograd).
+directly, without autograd, with vecN_signed as mlstm_chunkwise where the library has it).
 
 Each library runs in subprocesses of its own (``ab.py --child LIB``), interleaved OLD NEW, NEW OLD,
 OLD NEW, ... for --rounds rounds, so that drift in clocks or temperature falls on both alike. A
@@ -34,13 +34,15 @@ import tempfile
 
 
 def fwbw(x, L):
-    """The gradients (dq, dk, dv, di, df) of H.sum() through the forward and backward ops."""
+    """The gradients (dq, dk, dv, di, df) of H.sum() through the forward and backward ops, as
+    mlstm_chunkwise calls them (with vecN_signed where the library has it)."""
     import torch
 
-    out = torch.ops.mlstm.chunkwise_fw(*x[:5], chunk_size=L)
+    kw = {"vecN_signed": True} if "vecN_signed" in str(torch.ops.mlstm.chunkwise_fw.default._schema) else {}
+    out = torch.ops.mlstm.chunkwise_fw(*x[:5], chunk_size=L, **kw)
     dH = torch.ones_like(out[0])
     return torch.ops.mlstm.chunkwise_bw(*x[:5], None, None, None, out[0], out[4], out[5], dH, None, None,
-                                        chunk_size=L)[:5]
+                                        chunk_size=L, **kw)[:5]
 
 
 OP_NAMES = ("hstep", "forward", "fwbw")  # the keys of op_table

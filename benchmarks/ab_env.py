@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """A/B of an environment variable that the library reads at every call, in one process: forward +
-backward through autograd (``mlstm_ext.mlstm_chunkwise``, random dH, bf16 unless --dtype), each
-value timed in interleaved rounds, with the peak memory of one step above the inputs.
+backward through autograd (``mlstm_ext.mlstm_chunkwise``, random dH, bf16 unless --dtype), or with
+--op forward the forward alone (no grad, last states returned), each value timed in interleaved
+rounds, with the peak memory of one step above the inputs and the relative difference of H.
 
     python3 benchmarks/ab_env.py MLSTM_EXT_GRAM_SCAN --old 0 [--new unset] [--rounds 4] [--out PATH]
+    python3 benchmarks/ab_env.py MLSTM_EXT_FUSED_FW --old 0 --new 1 --op forward
     python3 benchmarks/ab_env.py MLSTM_EXT_BACKWARD_WORKSPACE_MB --old 512,517,2068 --new unset
 
 --old / --new: one value for every shape, or one per shape (comma list in cases.SHAPES' order);
@@ -47,6 +49,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12, help="timed steps per round")
     ap.add_argument("--dtype", default="bf16", choices=sorted(cs.DTYPES))
+    ap.add_argument("--op", default="fwbw", choices=["fwbw", "forward"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -62,14 +65,20 @@ def main() -> int:
     rows = []
     for shape, old, new in zip(shapes, olds, news):
         B, NH, S, DQ, DV, L = shape
-        x = [t.detach().clone().requires_grad_()
+        fwbw = args.op == "fwbw"
+        x = [t.detach().clone().requires_grad_(fwbw)
              for t in random_inputs(B, NH, S, DQ, DV, L, dtype, "cuda", generator=gen)[:5]]
         dH = torch.randn(B, NH, S, DV, device="cuda", dtype=dtype, generator=gen)
 
         def step():
+            if not fwbw:
+                with torch.no_grad():
+                    return mlstm_ext.mlstm_chunkwise(*x, chunk_size=L, return_last_states=True)[0]
             for t in x:
                 t.grad = None
-            mlstm_ext.mlstm_chunkwise(*x, chunk_size=L).backward(dH)
+            H = mlstm_ext.mlstm_chunkwise(*x, chunk_size=L)
+            H.backward(dH)
+            return H.detach()
 
         def timed():
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * args.steps)]
@@ -80,7 +89,7 @@ def main() -> int:
             torch.cuda.synchronize()
             return statistics.median(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(args.steps))
 
-        ms, peak = {"old": [], "new": []}, {}
+        ms, peak, H = {"old": [], "new": []}, {}, {}
         for name, value in (("old", old), ("new", new)):
             setenv(args.var, value)
             for t in x:
@@ -88,9 +97,11 @@ def main() -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            step()
+            H[name] = step().float()
             torch.cuda.synchronize()
             peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        dh = ((H["new"] - H["old"]).norm() / H["old"].norm()).item()
+        del H
         for r in range(args.rounds):
             order = (("old", old), ("new", new)) if r % 2 == 0 else (("new", new), ("old", old))
             for name, value in order:
@@ -101,22 +112,24 @@ def main() -> int:
         o, n = statistics.median(ms["old"]), statistics.median(ms["new"])
         rows.append(f"| {shape} | {args.dtype} | {old} | {new} | {o:.3f} | {n:.3f} | {n / o:.3f} | "
                     f"{min(ms['old']):.3f}-{max(ms['old']):.3f} | {min(ms['new']):.3f}-{max(ms['new']):.3f} | "
-                    f"{peak['old']:.0f} | {peak['new']:.0f} |")
+                    f"{peak['old']:.0f} | {peak['new']:.0f} | {dh:.1e} |")
         print(rows[-1], flush=True)
         del x, dH
         torch.cuda.empty_cache()
     setenv(args.var, "unset")
 
     gpu = torch.cuda.get_device_name().replace("NVIDIA ", "")
-    md = [f"# A/B of {args.var} in one process (forward + backward through autograd)", "",
+    what = "forward + backward through autograd" if args.op == "fwbw" else "forward, no grad"
+    md = [f"# A/B of {args.var} in one process ({what})", "",
           f"- card: {gpu}; torch {torch.__version__}",
           f"- command: `python3 benchmarks/ab_env.py {' '.join(sys.argv[1:])}`",
           f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {args.rounds} interleaved "
           f"rounds of {args.steps} steps, the median of each round's CUDA-event median; peak: one step "
-          "above the inputs, gradients included", "",
+          "above the inputs" + (", gradients included" if args.op == "fwbw" else "")
+          + "; H new vs old: relative norm of the difference of the two values' H", "",
           "| (B, NH, S, DHQK, DHHV, L) | dtype | old value | new value | old ms | new ms | new / old | "
-          "old, per round | new, per round | old peak MiB | new peak MiB |",
-          "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
+          "old, per round | new, per round | old peak MiB | new peak MiB | H new vs old (rel. norm) |",
+          "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
     out = args.out or os.path.join(os.environ.get("OUT", "."), "ab_env.md")
     with open(out, "w") as fh:
         fh.write("\n".join(md) + "\n")

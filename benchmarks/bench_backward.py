@@ -1,9 +1,9 @@
 """The backward op alone on CUDA: the fused kernels against the batched-GEMM path
 (MLSTM_EXT_FUSED_BACKWARD=0), alternated in one process, with the relative difference of every
-gradient between the two and, with --profile N, a kernel profile of the fused path at shape N.
-The fused path in the normaliser-constant convention is timed beside them: it skips bw_pre's
-exact-mode half (S = Q K^T and q . n_k, for nsum alone), so exact minus it bounds what a signed
-normaliser saved by the forward could take off.
+gradient between the two and, with --profile N, a kernel profile of the fused path at shape N
+(as mlstm_chunkwise runs it: nsum from the forward). Timed beside them: the fused path given the
+forward's signed nsum (vecN_signed, what mlstm_chunkwise runs: bw_pre skips S = Q K^T and q . n_k)
+and the fused path in the normaliser-constant convention (skips bw_pre's whole exact-mode half).
 
     python3 benchmarks/bench_backward.py [--profile 0]
 """
@@ -35,8 +35,9 @@ def main():
     p.add_argument("--profile", type=int, default=-1, help="profile the fused path at this shape index")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print("| (B, NH, S, DHQK, DHHV, L) | dtype | batched-GEMM path ms | fused ms | speed-up | fused, normaliser constant ms | rel dQ/dK/dV/dI/dF |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| (B, NH, S, DHQK, DHHV, L) | dtype | batched-GEMM path ms | fused ms | speed-up | fused, nsum from the "
+          "forward ms | fused, normaliser constant ms | rel dQ/dK/dV/dI/dF | nsum vs den, rel |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for si, (B, NH, S, DQ, DV, L) in enumerate(SHAPES):
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k = (torch.randn(B, NH, S, DQ, device="cuda", generator=g).bfloat16() for _ in range(2))
@@ -44,34 +45,37 @@ def main():
         i = torch.randn(B, NH, S, device="cuda", generator=g)
         f = 3 + torch.randn(B, NH, S, device="cuda", generator=g)
         out = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, chunk_size=L)
+        out_s = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, chunk_size=L, vecN_signed=True)
         dH = torch.randn_like(out[0])
 
-        def bwd(grad_mode="exact"):
-            return torch.ops.mlstm.chunkwise_bw(q, k, v, i, f, None, None, None, out[0], out[4], out[5],
-                                                dH, None, None, chunk_size=L, grad_mode=grad_mode)
+        def bwd(grad_mode="exact", signed=False):
+            o = out_s if signed else out
+            return torch.ops.mlstm.chunkwise_bw(q, k, v, i, f, None, None, None, o[0], o[4], o[5],
+                                                dH, None, None, chunk_size=L, grad_mode=grad_mode,
+                                                vecN_signed=signed)
 
-        def bwd_nc():
-            return bwd("normaliser_constant")
-        ms, grads = {"0": [], "1": [], "nc": []}, {}
-        for mode in ("0", "1", "nc", "0", "1", "nc"):  # alternated: drifts of the card hit all
-            os.environ["MLSTM_EXT_FUSED_BACKWARD"] = "1" if mode == "nc" else mode
-            fn = bwd_nc if mode == "nc" else bwd
-            grads[mode] = fn()
-            fn()
-            ms[mode].append(time_ms(fn))
+        fns = {"0": bwd, "1": bwd, "s": lambda: bwd(signed=True), "nc": lambda: bwd("normaliser_constant")}
+        ms, grads = {m: [] for m in fns}, {}
+        for mode in list(fns) * 2:  # alternated: drifts of the card hit all
+            os.environ["MLSTM_EXT_FUSED_BACKWARD"] = "0" if mode == "0" else "1"
+            grads[mode] = fns[mode]()
+            fns[mode]()
+            ms[mode].append(time_ms(fns[mode]))
         os.environ.pop("MLSTM_EXT_FUSED_BACKWARD")
-        rel = [((a.float() - b.float()).norm() / b.float().norm()).item()
-               for a, b in zip(grads["1"][:5], grads["0"][:5])]
-        old, new, nc = min(ms["0"]), min(ms["1"]), min(ms["nc"])
-        print(f"| {(B, NH, S, DQ, DV, L)} | bf16 | {old:.3f} | {new:.3f} | {old / new:.1f}x | {nc:.3f} | "
-              + "/".join(f"{e:.1e}" for e in rel) + " |", flush=True)
+
+        def rel(x, y):
+            return "/".join(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.1e}"
+                            for a, b in zip(x[:5], y[:5]))
+        old, new, sg, nc = (min(ms[m]) for m in ("0", "1", "s", "nc"))
+        print(f"| {(B, NH, S, DQ, DV, L)} | bf16 | {old:.3f} | {new:.3f} | {old / new:.1f}x | {sg:.3f} | {nc:.3f} | "
+              f"{rel(grads['1'], grads['0'])} | {rel(grads['s'], grads['1'])} |", flush=True)
         if si == args.profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                bwd()
+                bwd(signed=True)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-        del q, k, v, i, f, out, dH, grads
+        del q, k, v, i, f, out, out_s, dH, grads
         torch.cuda.empty_cache()
 
 

@@ -41,7 +41,7 @@ def main(argv=None):
         def call():
             return ops.recurrent_fw_states(k, v, i, f, chunk_size=L)
     else:
-        out = ops.chunkwise_fw(q, k, v, i, f, chunk_size=L)
+        out = ops.chunkwise_fw(q, k, v, i, f, chunk_size=L, vecN_signed=True)  # as mlstm_chunkwise
         dH = torch.randn_like(out[0])
         if args.op == "forward":
             def call():
@@ -49,7 +49,7 @@ def main(argv=None):
         else:
             def call():
                 return ops.chunkwise_bw(q, k, v, i, f, None, None, None, out[0], out[4], out[5], dH,
-                                        None, None, chunk_size=L)
+                                        None, None, chunk_size=L, vecN_signed=True)
     for _ in range(args.calls):
         res = call()
     if args.device != "cpu":

@@ -40,6 +40,8 @@ CASES = {
     "states_odd_fp32": ("states", (1, 2, 96, 50, 70, 16), torch.float32),
     "forward_bf16": ("forward", (1, 2, 256, 128, 200, 128), torch.bfloat16),
     "forward_odd_fp16": ("forward", (1, 2, 96, 50, 70, 16), torch.float16),
+    # chunk 64, DHQK over 128 and a partial DHHV tile: the fused forward under MLSTM_EXT_FUSED_FW=1
+    "forward_l64_bf16": ("forward", (1, 2, 192, 200, 100, 64), torch.bfloat16),
 }
 # recurrent_fw_states (two kernels: gates, states): name: ((B, NH, S, DHQK, DHHV, L), dtype,
 # tolerance on the relative-norm error of matC_all/vecN_all/scaM_all vs float64)
@@ -232,8 +234,9 @@ def backward_case(name, shape, dtype, tol, dev, gen):
          3.0 + rn(B, NH, S), rn(B, NH, DQ, DV), rn(B, NH, DQ), rn(B, NH)]
     dH, dC, dN = rn(B, NH, S, DV).to(dtype), rn(B, NH, DQ, DV), rn(B, NH, DQ)
     d = [t.to(dev) for t in x]
-    out = mlstm_ext.chunkwise_fw(*d, chunk_size=L)
-    got = mlstm_ext.chunkwise_bw(*d, out[0], out[4], out[5], dH.to(dev), dC.to(dev), dN.to(dev), chunk_size=L)
+    out = mlstm_ext.chunkwise_fw(*d, chunk_size=L, vecN_signed=True)  # as mlstm_chunkwise runs them
+    got = mlstm_ext.chunkwise_bw(*d, out[0], out[4], out[5], dH.to(dev), dC.to(dev), dN.to(dev), chunk_size=L,
+                                 vecN_signed=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     leaves = [t.double().requires_grad_() for t in x[:7]]

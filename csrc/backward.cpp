@@ -136,6 +136,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_states(const Plan& p, i
   return {C_all.view({g, p.NC + 1, p.DQ, p.DV}), N_all.view({g, p.NC + 1, p.DQ}), M_all.view({g, p.NC + 1})};
 }
 
+// SPEC's den = max(|nsum|, exp(-m)) from the forward's vecN: den itself, or nsum where the forward
+// ran with vecN_signed (at::maximum keeps NaN).
+at::Tensor den_of(const at::Tensor& vecN, const at::Tensor& m, bool vecN_signed) {
+  return vecN_signed ? at::maximum(vecN.abs(), at::exp(-m)) : vecN;
+}
+
 // The log forget gates (g, NC, L) in float64, finite ones clamped at kMinLogForget (SPEC.md step 1).
 at::Tensor log_forget(const at::Tensor& F) {
   at::Tensor lf = at::log_sigmoid(F.to(at::kDouble));
@@ -212,7 +218,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
 
   // Incoming gradients of num and nsum: H = num / (den + eps). dnum in lp, and scaled by gq
   // (what the incoming state's terms need).
-  const at::Tensor r = (sl(p.den).view({g, NC, L}) + p.a.fw.eps).reciprocal();
+  const at::Tensor r = (den_of(sl(p.den).view({g, NC, L}), m, p.a.fw.vecN_signed) + p.a.fw.eps).reciprocal();
   const at::Tensor dH = p.dH.defined() ? sl(p.dH).view({g, NC, L, DV}) : at::Tensor();
   const auto lp_opts = Q.options().dtype(lp);
   const at::Tensor dnum = dH.defined() ? scaled(dH, r.unsqueeze(-1), lp).view({g * NC, L, DV})
@@ -223,10 +229,11 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   at::Tensor dnsum;  // (g, NC, L), "exact" with an incoming dH only
   at::Tensor Qc;     // Q in ct, for the normaliser's terms: nsum's sign and dnsum cancel finely
   if (p.a.exact && dH.defined()) {
-    // den = max(|nsum|, exp(-m)): the gradient follows |nsum| where it is the larger.
+    // den = max(|nsum|, exp(-m)): the gradient follows |nsum| where it is the larger. nsum is
+    // the forward's where it saved it (vecN_signed), else formed again.
     Qc = Q.to(ct);
-    const at::Tensor qn = at::bmm(Qc, N_prev).view({g, NC, L});
-    const at::Tensor nsum = W.sum(-1) + gq * qn;
+    const at::Tensor nsum = p.a.fw.vecN_signed ? sl(p.den).view({g, NC, L})
+                                               : W.sum(-1) + gq * at::bmm(Qc, N_prev).view({g, NC, L});
     const at::Tensor dden = (dH.to(ct) * sl(p.H).view({g, NC, L, DV})).sum(-1).mul_(r).neg_();
     dnsum = at::where(nsum.abs() < at::exp(-m), 0.0, dden * nsum.sign());
   }

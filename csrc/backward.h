@@ -17,7 +17,7 @@ namespace mlstm {
 struct BackwardArgs {
   ForwardArgs fw;            // the forward's inputs, sizes, qk_scale, eps
   at::Tensor matH;           // (B, NH, S, DHHV): the forward's output (read in "exact" mode only)
-  at::Tensor vecN, vecM;     // (B, NH, S): the forward's den and m, compute dtype
+  at::Tensor vecN, vecM;     // (B, NH, S): the forward's den (nsum if fw.vecN_signed) and m, compute dtype
   at::Tensor matDeltaH;      // (B, NH, S, DHHV) or undefined (zero)
   at::Tensor matDeltaC_last; // (B, NH, DHQK, DHHV) compute dtype, or undefined (zero)
   at::Tensor vecDeltaN_last; // (B, NH, DHQK) compute dtype, or undefined (zero)
@@ -36,7 +36,7 @@ BackwardArgs check_backward_args(
     const at::Tensor& matH, const at::Tensor& vecN, const at::Tensor& vecM,
     const std::optional<at::Tensor>& matDeltaH, const std::optional<at::Tensor>& matDeltaC_last,
     const std::optional<at::Tensor>& vecDeltaN_last, std::optional<double> qk_scale,
-    int64_t chunk_size, double eps, c10::string_view grad_mode);
+    int64_t chunk_size, double eps, c10::string_view grad_mode, bool vecN_signed);
 
 BackwardOutputs allocate_backward_outputs(const BackwardArgs& a);
 

@@ -27,6 +27,7 @@ struct HintraArgs {
   double qk_scale = 0.0;
   double eps = 0.0;
   at::ScalarType output_dtype = at::kFloat;
+  bool vecN_signed = false;  // write nsum instead of den (chunkwise_fw's vecN_signed; forward.h)
   // Launch hints (the reference's Triton block sizes); a backend may use or ignore them.
   std::optional<int64_t> siz_b_DHHV;
 };

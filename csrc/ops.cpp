@@ -29,6 +29,7 @@ struct CpuBackend {
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cpu(a, C, n, m); }
   static void backward(const BackwardArgs& a, BackwardOutputs& out) { chunkwise_bw_compute(a, &states_cpu, out); }
   static void step(const StepArgs& a, StepOutputs& out) { step_cpu(a, out); }
+  static bool fused_forward(const ForwardArgs&, ForwardOutputs&) { return false; }
 };
 
 #ifdef MLSTM_EXT_WITH_CUDA
@@ -41,6 +42,7 @@ struct CudaBackend {
     chunkwise_bw_compute(a, &states_cuda, out);
   }
   static void step(const StepArgs& a, StepOutputs& out) { step_cuda(a, out); }
+  static bool fused_forward(const ForwardArgs& f, ForwardOutputs& out) { return fused_forward_cuda(f, out); }
 };
 #else
 struct CudaBackend {
@@ -54,6 +56,7 @@ struct CudaBackend {
   static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) { missing(); }
   static void backward(const BackwardArgs&, BackwardOutputs&) { missing(); }
   static void step(const StepArgs&, StepOutputs&) { missing(); }
+  static bool fused_forward(const ForwardArgs&, ForwardOutputs&) { return false; }
 };
 #endif
 
@@ -64,6 +67,7 @@ struct MetaBackend {
   static void states(const StatesArgs&, at::Tensor&, at::Tensor&, at::Tensor&) {}
   static void backward(const BackwardArgs&, BackwardOutputs&) {}
   static void step(const StepArgs&, StepOutputs&) {}
+  static bool fused_forward(const ForwardArgs&, ForwardOutputs&) { return false; }
 };
 
 // Forward-mode AD (torch.func.jvp, forward_ad.make_dual): no op of the library has a tangent
@@ -136,14 +140,15 @@ ForwardOutputs chunkwise_fw(const at::Tensor& matQ, const at::Tensor& matK, cons
                             const std::optional<at::Tensor>& vecN_initial,
                             const std::optional<at::Tensor>& scaM_initial,
                             std::optional<double> qk_scale, int64_t chunk_size, double eps,
-                            c10::string_view grad_mode) {
+                            c10::string_view grad_mode, bool vecN_signed) {
   // Its autograd formula (mlstm_ext/autograd.py) is reverse mode only.
   check_no_tangents("chunkwise_fw", {{"matQ", matQ}, {"matK", matK}, {"matV", matV}, {"vecI", vecI}, {"vecF", vecF},
                                      {"matC_initial", matC_initial.value_or(at::Tensor())},
                                      {"vecN_initial", vecN_initial.value_or(at::Tensor())},
                                      {"scaM_initial", scaM_initial.value_or(at::Tensor())}});
   const ForwardArgs f = check_forward_args(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
-                                           scaM_initial, qk_scale, chunk_size, eps, grad_mode);
+                                           scaM_initial, qk_scale, chunk_size, eps, grad_mode, vecN_signed);
+  if (ForwardOutputs fused; Backend::fused_forward(f, fused)) return fused;
   auto [matC_all, vecN_all, scaM_all] = run_states<Backend>(f.states);
   auto [matH, vecN, vecM] = run_hintra<Backend>(hintra_args_for_forward(f, matC_all, vecN_all, scaM_all));
   // The last slot, copied so that the (NC+1)-slot buffers are freed here.
@@ -163,10 +168,11 @@ BackwardOutputs chunkwise_bw(const at::Tensor& matQ, const at::Tensor& matK, con
                              const std::optional<at::Tensor>& matDeltaC_last,
                              const std::optional<at::Tensor>& vecDeltaN_last,
                              std::optional<double> qk_scale, int64_t chunk_size, double eps,
-                             c10::string_view grad_mode) {
+                             c10::string_view grad_mode, bool vecN_signed) {
   const BackwardArgs a = check_backward_args(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
                                              scaM_initial, matH, vecN, vecM, matDeltaH, matDeltaC_last,
-                                             vecDeltaN_last, qk_scale, chunk_size, eps, grad_mode);
+                                             vecDeltaN_last, qk_scale, chunk_size, eps, grad_mode,
+                                             vecN_signed);
   BackwardOutputs out = allocate_backward_outputs(a);
   Backend::backward(a, out);
   return out;
@@ -237,11 +243,13 @@ constexpr const char* kStatesSchema =
     "Tensor vecN_all, Tensor scaM_all)";
 // The whole forward: states, then the H step; the last states and the H step's vecN, vecM.
 // grad_mode picks the backward's convention (SPEC.md, "Gradients"): "exact" or
-// "normaliser_constant"; the forward is the same for both.
+// "normaliser_constant"; the forward is the same for both. vecN_signed: vecN is nsum (signed,
+// before |.| and the floor e^-m; den = max(|vecN|, e^-vecM)), so that the backward, given the
+// same flag, reads nsum's sign instead of recomputing nsum (mlstm_chunkwise turns it on).
 constexpr const char* kForwardSchema =
     "(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor? matC_initial=None, "
     "Tensor? vecN_initial=None, Tensor? scaM_initial=None, float? qk_scale=None, int chunk_size=64, "
-    "float eps=1e-6, str grad_mode=\"exact\") -> (Tensor matH, Tensor matC_last, Tensor vecN_last, "
+    "float eps=1e-6, str grad_mode=\"exact\", bool vecN_signed=False) -> (Tensor matH, Tensor matC_last, Tensor vecN_last, "
     "Tensor scaM_last, Tensor vecN, Tensor vecM)";
 
 // The backward of chunkwise_fw: the forward's inputs and the outputs it reads (matH, vecN, vecM),
@@ -252,7 +260,7 @@ constexpr const char* kBackwardSchema =
     "(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor? matC_initial, "
     "Tensor? vecN_initial, Tensor? scaM_initial, Tensor matH, Tensor vecN, Tensor vecM, "
     "Tensor? matDeltaH, Tensor? matDeltaC_last, Tensor? vecDeltaN_last, float? qk_scale=None, "
-    "int chunk_size=64, float eps=1e-6, str grad_mode=\"exact\") -> (Tensor matDeltaQ, "
+    "int chunk_size=64, float eps=1e-6, str grad_mode=\"exact\", bool vecN_signed=False) -> (Tensor matDeltaQ, "
     "Tensor matDeltaK, Tensor matDeltaV, Tensor vecDeltaI, Tensor vecDeltaF, Tensor matDeltaC_initial, "
     "Tensor vecDeltaN_initial)";
 

@@ -304,7 +304,7 @@ ForwardArgs check_forward_common(const Checker& c, const at::Tensor& matQ, const
                                  const std::optional<at::Tensor>& vecN_initial,
                                  const std::optional<at::Tensor>& scaM_initial,
                                  std::optional<double> qk_scale, int64_t chunk_size, double eps,
-                                 c10::string_view grad_mode) {
+                                 c10::string_view grad_mode, bool vecN_signed) {
   TORCH_CHECK(grad_mode == "exact" || grad_mode == "normaliser_constant", c.op,
               ": grad_mode must be \"exact\" or \"normaliser_constant\", got \"",
               std::string(grad_mode), "\"");
@@ -324,6 +324,7 @@ ForwardArgs check_forward_common(const Checker& c, const at::Tensor& matQ, const
   const int64_t DHQK = a.states.DHQK;
   a.qk_scale = c.scalar(qk_scale.has_value() ? *qk_scale : default_qk_scale(DHQK), "qk_scale", compute, false);
   a.eps = c.scalar(eps, "eps", compute, true);
+  a.vecN_signed = vecN_signed;
   return a;
 }
 
@@ -347,9 +348,9 @@ ForwardArgs check_forward_args(const at::Tensor& matQ, const at::Tensor& matK,
                                const std::optional<at::Tensor>& vecN_initial,
                                const std::optional<at::Tensor>& scaM_initial,
                                std::optional<double> qk_scale, int64_t chunk_size, double eps,
-                               c10::string_view grad_mode) {
+                               c10::string_view grad_mode, bool vecN_signed) {
   return check_forward_common(Checker{"chunkwise_fw"}, matQ, matK, matV, vecI, vecF, matC_initial,
-                              vecN_initial, scaM_initial, qk_scale, chunk_size, eps, grad_mode);
+                              vecN_initial, scaM_initial, qk_scale, chunk_size, eps, grad_mode, vecN_signed);
 }
 
 BackwardArgs check_backward_args(
@@ -359,11 +360,11 @@ BackwardArgs check_backward_args(
     const at::Tensor& matH, const at::Tensor& vecN, const at::Tensor& vecM,
     const std::optional<at::Tensor>& matDeltaH, const std::optional<at::Tensor>& matDeltaC_last,
     const std::optional<at::Tensor>& vecDeltaN_last, std::optional<double> qk_scale,
-    int64_t chunk_size, double eps, c10::string_view grad_mode) {
+    int64_t chunk_size, double eps, c10::string_view grad_mode, bool vecN_signed) {
   const Checker c{"chunkwise_bw"};
   BackwardArgs a;
   a.fw = check_forward_common(c, matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
-                              scaM_initial, qk_scale, chunk_size, eps, grad_mode);
+                              scaM_initial, qk_scale, chunk_size, eps, grad_mode, vecN_signed);
   a.exact = grad_mode == "exact";
   const StatesArgs& s = a.fw.states;
   const at::ScalarType compute = compute_dtype_of(matQ);
@@ -498,6 +499,7 @@ HintraArgs hintra_args_for_forward(const ForwardArgs& f, const at::Tensor& matC_
   a.qk_scale = f.qk_scale;
   a.eps = f.eps;
   a.output_dtype = compute_dtype_of(f.matQ);
+  a.vecN_signed = f.vecN_signed;
   return a;
 }
 

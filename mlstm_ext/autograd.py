@@ -36,11 +36,12 @@ _N_TENSOR_INPUTS = 8
 
 def _setup_context(ctx, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
     (matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
-     qk_scale, chunk_size, eps, grad_mode) = inputs
+     qk_scale, chunk_size, eps, grad_mode, vecN_signed) = inputs
     matH, vecN, vecM = output[0], output[4], output[5]
     ctx.save_for_backward(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
                           matH, vecN, vecM)
     ctx.qk_scale, ctx.chunk_size, ctx.eps, ctx.grad_mode = qk_scale, chunk_size, eps, grad_mode
+    ctx.vecN_signed = vecN_signed  # the backward reads vecN as the forward wrote it
     # scaM_last, vecN, vecM: stabiliser and normaliser outputs, no gradient flows through them.
     ctx.mark_non_differentiable(output[3], output[4], output[5])
 
@@ -55,14 +56,14 @@ def _backward(ctx, dH, dC_last, dN_last, _dM_last, _dvecN, _dvecM):
     if any(needs[:7]):
         got = torch.ops.mlstm.chunkwise_bw(
             *inputs, *saved[_N_TENSOR_INPUTS:], dH, dC_last, dN_last, ctx.qk_scale, ctx.chunk_size,
-            ctx.eps, ctx.grad_mode)
+            ctx.eps, ctx.grad_mode, ctx.vecN_signed)
         for idx in range(7):
             if needs[idx]:
                 grads[idx] = got[idx].to(inputs[idx].dtype)
     if needs[7]:  # scaM_initial: a stabiliser, zero gradient by convention
         grads[7] = torch.zeros_like(inputs[7])
-    # qk_scale, chunk_size, eps, grad_mode: no gradient.
-    return (*grads, None, None, None, None)
+    # qk_scale, chunk_size, eps, grad_mode, vecN_signed: no gradient.
+    return (*grads, None, None, None, None, None)
 
 
 _TENSOR_NAMES = ("matQ", "matK", "matV", "vecI", "vecF", "matC_initial", "vecN_initial", "scaM_initial")

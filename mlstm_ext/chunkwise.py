@@ -95,8 +95,10 @@ def mlstm_chunkwise(
         q, k, v = (t.to(autocast_kernel_dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
                    for t in (q, k, v))
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        # vecN_signed: the forward saves nsum for the backward (its sign spares the backward a
+        # Q K^T); vecN is not returned here.
         outs = torch.ops.mlstm.chunkwise_fw(q, k, v, i, f, c_initial, n_initial, m_initial,
-                                            qk_scale, chunk_size, eps, grad_mode)
+                                            qk_scale, chunk_size, eps, grad_mode, vecN_signed=True)
     matH, matC_last, vecN_last, scaM_last = outs[0], outs[1], outs[2], outs[3]
     if not return_last_states:
         return matH

@@ -156,7 +156,10 @@ Returns ``(matH (B, NH, S, DHHV) in matQ's dtype, matC_last (B, NH, DHQK, DHHV),
 (float64 for float64 inputs); vecN and vecM are the H step's normaliser and max state.
 ``grad_mode`` picks the backward's convention (SPEC.md, "Gradients"): ``"exact"`` (default) or
 ``"normaliser_constant"`` (the gradients of mlstm_kernels' custom and Triton backwards); the
-forward is the same for both.""")
+forward is the same for both. ``vecN_signed=True`` makes vecN the signed sum nsum (SPEC.md step 6,
+before ``|.|`` and the floor; den = max(|vecN|, exp(-vecM))); pass the same flag to
+``chunkwise_bw``, which then reads nsum's sign instead of forming nsum again (``mlstm_chunkwise``
+does this).""")
 
 
 @torch.library.register_fake("mlstm::chunkwise_fw")
@@ -179,7 +182,8 @@ The backward of ``chunkwise_fw`` (SPEC.md, "Gradients" and "The backward"); auto
 (mlstm_ext/autograd.py), and it can be called directly.
 
 Takes the forward's inputs, its outputs ``matH``, ``vecN``, ``vecM``, the incoming gradients of
-matH, matC_last and vecN_last (None for zero) and the forward's scalars. Returns the gradients
+matH, matC_last and vecN_last (None for zero) and the forward's scalars (``vecN_signed`` as given
+to ``chunkwise_fw``). Returns the gradients
 ``(dQ, dK, dV, dI, dF, dC_initial, dN_initial)``: the first three in matQ's dtype, the rest in
 float32 (float64 for float64 inputs); the initial states' are those of zero states when none
 were given.""")

@@ -19,6 +19,7 @@ import torch
 import mlstm_ext
 from conftest import BF16, F16, F32, F64, requires_cuda
 from mlstm_ext.reference import chunkwise_fw_reference, rel_norm_err
+from quadratic import quadratic_mlstm
 from test_chunkwise import make_qkvif
 
 bw = torch.ops.mlstm.chunkwise_bw
@@ -46,10 +47,16 @@ def reference_grads(qkvif, st, dH, dC, dN, L, grad_mode, qk_scale=None, eps=1e-6
     return torch.autograd.grad(outs, xs + [C0, n0], cots, allow_unused=True)
 
 
-def run_bw(qkvif, st, dH, dC, dN, L, grad_mode, qk_scale=None, eps=1e-6):
-    out = fw(*qkvif, *st, qk_scale=qk_scale, chunk_size=L, eps=eps, grad_mode=grad_mode)
+def run_bw(qkvif, st, dH, dC, dN, L, grad_mode, qk_scale=None, eps=1e-6, signed=False):
+    """chunkwise_fw then chunkwise_bw; `signed`: both with vecN_signed (the backward then takes
+    nsum's sign from the forward, as mlstm_chunkwise runs it)."""
+    out = fw(*qkvif, *st, qk_scale=qk_scale, chunk_size=L, eps=eps, grad_mode=grad_mode, vecN_signed=signed)
     return bw(*qkvif, *st, out[0], out[4], out[5], dH, dC, dN, qk_scale=qk_scale, chunk_size=L,
-              eps=eps, grad_mode=grad_mode)
+              eps=eps, grad_mode=grad_mode, vecN_signed=signed)
+
+
+# Both ways the backward can learn nsum: formed again from Q, K and n, or read from the forward.
+SIGNED = pytest.mark.parametrize("signed", [False, True], ids=["den", "nsum"])
 
 
 def cot(shape, seed, device="cpu", dtype=F32):
@@ -57,12 +64,15 @@ def cot(shape, seed, device="cpu", dtype=F32):
     return torch.randn(shape, generator=g, dtype=F32).to(device=device, dtype=dtype)
 
 
-def check_all(got, want, tol, what=""):
+def check_all(got, want, tol, what="", atol=0.0):
+    """Relative-norm errors within tol; `atol` also passes a difference whose norm is that small
+    (a gradient that is zero in real arithmetic: with DHQK = DHHV = L = 1, q cancels from H)."""
     for name, g, w in zip(GRADS, got, want):
         w = torch.zeros(g.shape, dtype=F64) if w is None else w
         assert torch.isfinite(g).all(), f"{what} {name}: not finite"
         err = rel_norm_err(g.cpu(), w)
-        assert err <= tol, f"{what} {name}: rel. error {err:.2e} > {tol:.0e}"
+        diff = (g.cpu().double() - w).norm().item()
+        assert err <= tol or diff <= atol, f"{what} {name}: rel. error {err:.2e} > {tol:.0e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,15 +82,35 @@ def check_all(got, want, tol, what=""):
 @pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
 @pytest.mark.parametrize("shape", [(1, 2, 12, 5, 7, 3), (2, 1, 16, 8, 4, 16), (1, 1, 8, 1, 1, 1)], ids=str)
 @pytest.mark.parametrize("init", [False, True], ids=["zero-init", "init"])
-def test_float64_matches_reference(seed, grad_mode, shape, init):
+@SIGNED
+def test_float64_matches_reference(seed, grad_mode, shape, init, signed):
     B, NH, S, DHQK, DHHV, L = shape
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F64, init, seed=seed)
     qkvif = tuple(t.to(F64) for t in qkvif)
     st = tuple(None if t is None else t.to(F64) for t in st)
     dH, dC, dN = (cot(s, seed + j).to(F64) for j, s in enumerate(
         [(B, NH, S, DHHV), (B, NH, DHQK, DHHV), (B, NH, DHQK)]))
-    got = run_bw(qkvif, st, dH, dC, dN, L, grad_mode)
-    check_all(got, reference_grads(qkvif, st, dH, dC, dN, L, grad_mode), 1e-10, grad_mode)
+    got = run_bw(qkvif, st, dH, dC, dN, L, grad_mode, signed=signed)
+    check_all(got, reference_grads(qkvif, st, dH, dC, dN, L, grad_mode), 1e-10, grad_mode, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_signed_vecN_is_nsum(seed, device, dtype):
+    """chunkwise_fw(vecN_signed=True): vecN is SPEC's signed nsum (the quadratic form's sum,
+    float64), max(|vecN|, e^-vecM) is the default vecN, and no other output changes."""
+    B, NH, S, DHQK, DHHV, L = 1, 2, 192, 64, 64, 64
+    qkvif, _ = make_qkvif(B, NH, S, DHQK, DHHV, dtype, False, seed=seed, device=device)
+    plain = fw(*qkvif, chunk_size=L)
+    signed = fw(*qkvif, chunk_size=L, vecN_signed=True)
+    for j in (0, 1, 2, 3, 5):
+        assert torch.equal(plain[j], signed[j]), f"output {j} changed"
+    nsum, m = signed[4].double().cpu(), signed[5].double().cpu()
+    assert (nsum < 0).any() and (nsum > 0).any(), "random inputs give nsum of both signs"
+    assert rel_norm_err(torch.maximum(nsum.abs(), torch.exp(-m)), plain[4].double().cpu()) <= 1e-6
+    _, csum, M = quadratic_mlstm(*(t.cpu() for t in qkvif))  # csum: nsum in the frame e^-M
+    err = rel_norm_err(nsum * torch.exp(m), csum * torch.exp(M))
+    assert err <= (1e-5 if dtype == F32 else 1e-2), f"nsum: rel. error {err:.2e}"
 
 
 @pytest.mark.parametrize("which", ["H only", "states only"])
@@ -181,17 +211,19 @@ def test_bad_scalars_named(device):
 
 
 @pytest.mark.parametrize("where", ["q", "v", "i", "f"])
-def test_nan_reaches_gradients(seed, where):
+@SIGNED
+def test_nan_reaches_gradients(seed, where, signed):
     """A NaN in an input shows in the gradients (never silently finite everywhere)."""
     qkvif, st = make_qkvif(1, 1, 16, 4, 4, F32, True, seed=seed)
     qkvif = [t.clone() for t in qkvif]
     j = "qkvif".index(where)
     qkvif[j][0, 0, 9] = float("nan")
-    got = run_bw(qkvif, st, cot((1, 1, 16, 4), seed), None, None, 4, "exact")
+    got = run_bw(qkvif, st, cot((1, 1, 16, 4), seed), None, None, 4, "exact", signed=signed)
     assert any(torch.isnan(g).any() for g in got), "NaN input, all gradients finite"
 
 
-def test_eps_zero_and_wide_gates(seed):
+@SIGNED
+def test_eps_zero_and_wide_gates(seed, signed):
     """eps = 0 and gates spread widely: finite gradients equal to float64's."""
     B, NH, S, DHQK, DHHV, L = 1, 2, 32, 8, 8, 8
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F32, True, seed=seed)
@@ -199,7 +231,7 @@ def test_eps_zero_and_wide_gates(seed):
     i, f = 8 * i, 6 * f - 15
     qkvif = (q, k, v, i, f)
     dH = cot((B, NH, S, DHHV), seed)
-    got = run_bw(qkvif, st, dH, None, None, L, "exact", eps=0.0)
+    got = run_bw(qkvif, st, dH, None, None, L, "exact", eps=0.0, signed=signed)
     check_all(got, reference_grads(qkvif, st, dH, None, None, L, "exact", eps=0.0), 1e-4, "eps=0")
 
 
@@ -235,9 +267,10 @@ def cuda_case(shape, dtype, grad_mode, seed):
 @pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
 @pytest.mark.parametrize("shape", [(1, 2, 256, 64, 64, 64), (2, 1, 96, 48, 80, 32), (1, 1, 128, 256, 512, 64),
                                    (1, 2, 256, 128, 64, 128)], ids=str)
-def test_cuda_vs_float64(seed, dtype, grad_mode, shape):
+@SIGNED
+def test_cuda_vs_float64(seed, dtype, grad_mode, shape, signed):
     args, want = cuda_case(shape, dtype, grad_mode, seed)
-    got = run_bw(*args)
+    got = run_bw(*args, signed=signed)
     for g, x in zip(got[:3], args[0][:3]):
         assert g.dtype == x.dtype and g.is_cuda
     check_all(got, want, CUDA_TOL[dtype], f"{dtype} {grad_mode}")
@@ -277,24 +310,47 @@ FUSED_SHAPES = [(2, 3, 256, 64, 128, 64), (1, 2, 384, 128, 64, 128), (1, 1, 256,
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
-def test_cuda_fused_matches_unfused_and_float64(seed, dtype, grad_mode, shape, monkeypatch):
+@SIGNED
+def test_cuda_fused_matches_unfused_and_float64(seed, dtype, grad_mode, shape, signed, monkeypatch):
     """The fused kernels against float64 and against the ATen path on the same inputs, with
     initial states and incoming state gradients, outputs in NaN-poisoned memory, a side stream."""
     args, want = cuda_case(shape, dtype, grad_mode, seed)
     monkeypatch.setenv("MLSTM_EXT_FUSED_BACKWARD", "0")
-    unfused = run_bw(*args)
+    unfused = run_bw(*args, signed=signed)
     monkeypatch.delenv("MLSTM_EXT_FUSED_BACKWARD")
     junk = torch.full((256 << 20,), float("nan"), device="cuda")
     del junk
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        got = run_bw(*args)
+        got = run_bw(*args, signed=signed)
     torch.cuda.current_stream().wait_stream(side)
     check_all(got, want, CUDA_TOL[dtype], f"fused {dtype} {grad_mode}")
     for name, a, b in zip(GRADS, got, unfused):
         # Both paths round their 16-bit operands differently: they agree to the rounding.
         assert rel_norm_err(a.double().cpu(), b.double().cpu()) <= CUDA_TOL[dtype], name
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", FUSED_SHAPES + [(1, 2, 128, 192, 64, 64)], ids=str)
+def test_cuda_bw_post_pipelines_agree(seed, shape, monkeypatch):
+    """bw_post with its copies issued ahead (default: the two grams as one pipeline at L = 128,
+    each state product issuing the next one's tiles) gives the same gradients as with every copy
+    waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only): the products are
+    the same, in the same order; only when their tiles arrive differs. Not the same bits: bw_post's
+    column and row sums are float atomics, whose order (and so dI's, dF's last bits) varies from
+    run to run at any level; a tile read from the wrong buffer would be off by O(1)."""
+    args, _ = cuda_case(shape, BF16, "exact", seed)
+    junk = torch.full((256 << 20,), float("nan"), device="cuda")
+    del junk
+    got = run_bw(*args, signed=True)
+    for level in ("0", "1"):
+        monkeypatch.setenv("MLSTM_EXT_BW_PIPELINE", level)
+        plain = run_bw(*args, signed=True)
+        for name, a, b in zip(GRADS, got, plain):
+            assert torch.isfinite(a).all(), f"{name} (level {level})"
+            assert rel_norm_err(a.double().cpu(), b.double().cpu()) <= 1e-6, f"{name} (level {level})"
 
 
 @requires_cuda
@@ -360,7 +416,8 @@ def test_cuda_state_gradients_at_odd_offsets(seed):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["wide", "huge", "eps0", "large_m"])
-def test_cuda_fused_hostile(seed, case):
+@SIGNED
+def test_cuda_fused_hostile(seed, case, signed):
     """The fused kernels on hostile gates: wide input gates and strong forgetting, huge negative
     forget gates beside ordinary ones, eps = 0, large initial m: finite, and equal to float64."""
     B, NH, S, DHQK, DHHV, L = 1, 2, 256, 64, 64, 64
@@ -380,7 +437,8 @@ def test_cuda_fused_hostile(seed, case):
     dH = cot((B, NH, S, DHHV), seed, dtype=BF16)
     want = reference_grads(qkvif, st, dH, None, None, L, "exact", eps=eps)
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
-    got = run_bw([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), None, None, L, "exact", eps=eps)
+    got = run_bw([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), None, None, L, "exact", eps=eps,
+                 signed=signed)
     if case == "large_m":
         # m ~ 50-60 everywhere: the initial state dominates every row and its forget-gate decay
         # cancels between H's numerator and denominator, so the exact dF is ~0 while the terms it

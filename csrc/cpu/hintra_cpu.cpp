@@ -184,9 +184,10 @@ struct ChunkBuffers {
   double* d;         // (Lc + 8) scratch: D[t, 0..t]
   double eps;
   double* m;         // (L) out: combined max m[t] (vecM)
-  double* den;       // (L) out: SPEC's den[t] (vecN); NaN where matH's row is not finite
+  double* den;       // (L) out: vecN, SPEC's den[t] (nsum[t] if signed_n); NaN where matH's row is not finite
   float* inv;        // (L) out: 1 / (den' + eps e^delta), NaN where that is not a normal float
   float* num;        // (L, DVp) out: matH rows
+  bool signed_n;     // vecN is nsum (HintraArgs::vecN_signed)
 };
 
 template <int kMR, typename V>
@@ -239,7 +240,7 @@ MLSTM_INLINE void chunk_compute(const ChunkBuffers& c) {
       // and there g' = e^(m - F) = e^delta already.
       const double scale = delta > 0 ? gt : 1.0;
       const double inv = 1.0 / (den + c.eps * scale);
-      c.den[t] = den / scale;
+      c.den[t] = (c.signed_n ? nsum : den) / scale;
       using flt = std::numeric_limits<float>;
       c.inv[t] = inv >= flt::min() && inv <= flt::max() ? (float)inv : flt::quiet_NaN();
       const float gtf = (float)gt;
@@ -395,7 +396,8 @@ struct TaskInputs {
 
 // SPEC.md steps 5-7 for row t of chunk `chunk` of (b, h), in float64 straight from the definition,
 // summing keys s <= t only: a later key cannot reach the row, whatever it holds. Writes the row of
-// matH to Ht and returns den; scratch holds 2 * DHHV doubles.
+// matH to Ht and returns vecN's value (den, or nsum where a.vecN_signed); scratch holds 2 * DHHV
+// doubles.
 template <typename in_t>
 double exact_row(const TaskInputs& in, int64_t b, int64_t h, int64_t chunk, int64_t t,
                  const double* bg, const double* iv, double m_prev, double mt, in_t* Ht,
@@ -426,7 +428,7 @@ double exact_row(const TaskInputs& in, int64_t b, int64_t h, int64_t chunk, int6
   nsum += g * qn;
   const double den = nan_max(std::abs(nsum), std::exp(-mt));
   for (int64_t j = 0; j < DHHV; ++j) Ht[j] = static_cast<in_t>((num[j] + g * qC[j]) / (den + a.eps));
-  return den;
+  return a.vecN_signed ? nsum : den;
 }
 
 // Per-thread scratch that may be large (it grows like L): running out of memory is an error that
@@ -507,7 +509,7 @@ void hintra_cpu_fast(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at
       const ChunkBuffers cb{L,        Lc,        DHQK,      DVp,       TQ,        q.data(),
                             w.data(), kt.data(), vp.data(), cp.data(), n.data(),  bg.data(),
                             iv.data(), m_prev,   d.data(),  a.eps,     m.data(),
-                            den.data(), inv.data(), num.data()};
+                            den.data(), inv.data(), num.data(), a.vecN_signed};
       chunk_compute_fn(cb);
       // Step 7: outputs. A row that is not finite (or whose scale did not fit) goes to exact_row.
       const int64_t row0 = bh * a.S + s0;

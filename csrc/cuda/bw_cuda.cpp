@@ -47,6 +47,14 @@ void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, b
   p.DQ = static_cast<int>(s.DHQK), p.DV = static_cast<int>(s.DHHV);
   p.qk_scale = static_cast<float>(a.fw.qk_scale), p.eps = static_cast<float>(a.fw.eps);
   p.exact = a.exact;
+  p.n_signed = a.fw.vecN_signed;
+  // MLSTM_EXT_BW_PIPELINE (read at every call, for A/B in one process): 0 = bw_post's grams and
+  // state products each wait for their own tiles with nothing in flight (as before the pipelines),
+  // 1 = the grams pipelined only, unset or 2 = both.
+  const char* pipe = std::getenv("MLSTM_EXT_BW_PIPELINE");
+  const int level = pipe == nullptr ? 2 : std::atoi(pipe);
+  p.grams_pipelined = level >= 1;
+  p.chain_states = level >= 2;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (a.fw.matQ.scalar_type() == at::kBFloat16) {
     cuda::launch_bw_bf16(p, post, stream);

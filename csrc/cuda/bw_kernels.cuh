@@ -49,8 +49,9 @@ __device__ void stage_gates(const BwParams& p, int64_t pair, int chunk, const Ga
   for (int t = threadIdx.x; t < L; t += blockDim.x) {
     s.bg[t] = log_forget(p.fgate[row0 + t]);  // SPEC.md step 1
     s.iv[t] = p.igate[row0 + t];
-    s.m[t] = p.m[row0 + t];
-    s.r[t] = 1.f / (p.den[row0 + t] + p.eps);
+    const float m = p.m[row0 + t];
+    s.m[t] = m;
+    s.r[t] = 1.f / (den_of(p.den[row0 + t], m, p.n_signed) + p.eps);
     s.dns[t] = read_dnsum ? p.dnsum[row0 + t] : 0.f;
   }
   __syncthreads();
@@ -153,37 +154,152 @@ __device__ __forceinline__ void chunk_gram(float (&acc)[PostWarps<L>::kCols / 8]
   }
 }
 
-// acc = sum over i < n of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16 rows
-// (strip) and kOutCols columns from c0 of the products of the (L, kBwTile) tiles X_i = x + i x_step
-// (row stride x_ld) and the kBwTile x kBwTile 16-bit blocks M_i = m + i m_step (row stride m_ld) of
-// a state or its gradient. Two buffers each: the loads of step i + 1 are in flight during the
-// products of step i. Waits for every cp.async group the caller committed before.
-template <typename T, int L, bool kBT>
-__device__ __forceinline__ void rows_by_state(float (&acc)[PostWarps<L>::kOutCols / 8][4], const T* x,
-                                              int64_t x_step, int64_t x_ld, const T* m, int64_t m_step,
-                                              int64_t m_ld, int n, T* sX, T* sM, int strip, int c0) {
-  constexpr int kThreads = PostWarps<L>::kThreads, NO = PostWarps<L>::kOutCols / 8;
-  // B is M^T ([n][k]: rows c0.. of M) or M ([k][n]: columns c0..).
-  const int b_off = kBT ? c0 : c0 * kLd;
+// Where two warps span a strip (L = 128): hv = dH V^T and acc = Q K^T as chunk_gram makes them,
+// as one pipeline of DV / kBwTile + DQ / kBwTile steps whose tiles alternate between two buffer
+// pairs (b0 and b1, each an X and a Y tile of L rows), so that the tiles of step j + 1 are in
+// flight during the products of step j (chunk_gram waits for every tile with nothing else in
+// flight, and one block runs per SM at L = 128).
+template <typename T, int L>
+__device__ __forceinline__ void chunk_grams_pipelined(float (&hv)[PostWarps<L>::kCols / 8][4],
+                                                      float (&acc)[PostWarps<L>::kCols / 8][4], const T* dH,
+                                                      const T* V, const T* Q, const T* K, int DV, int DQ, T* b0,
+                                                      T* b1, int strip, int c0) {
+  constexpr int NT = PostWarps<L>::kCols / 8, kThr = PostWarps<L>::kThreads;
+  const int np_end = min(NT / 2, strip + 1 - c0 / 16);  // causal: key pairs up to the strip
+  const int n1 = DV / kBwTile, n = n1 + DQ / kBwTile;
+  auto issue = [&](int j) {
+    T* b = (j & 1) ? b1 : b0;
+    if (j < n1) {
+      load_tile<T, L, L, kThr>(b, dH + j * kBwTile, DV);
+      load_tile<T, L, L, kThr>(b + L * kLd, V + j * kBwTile, DV);
+    } else {
+      load_tile<T, L, L, kThr>(b, Q + (j - n1) * kBwTile, DQ);
+      load_tile<T, L, L, kThr>(b + L * kLd, K + (j - n1) * kBwTile, DQ);
+    }
+    cp_async_commit();
+  };
+  zero(hv);
   zero(acc);
-  load_tile<T, L, L, kThreads>(sX, x, x_ld);
-  load_tile<T, L, kBwTile, kThreads>(sM, m, m_ld);
-  cp_async_commit();
-  for (int i = 0; i < n; ++i) {
-    T* x_buf = sX + (i & 1) * L * kLd;
-    T* m_buf = sM + (i & 1) * kBwTile * kLd;
-    if (i + 1 < n) {
-      load_tile<T, L, L, kThreads>(sX + ((i + 1) & 1) * L * kLd, x + (i + 1) * x_step, x_ld);
-      load_tile<T, L, kBwTile, kThreads>(sM + ((i + 1) & 1) * kBwTile * kLd, m + (i + 1) * m_step, m_ld);
-      cp_async_commit();
+  issue(0);
+  for (int j = 0; j < n; ++j) {
+    if (j + 1 < n) {
+      issue(j + 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    warp_gemm<T, false, kBT, NO>(acc, x_buf + strip * 16 * kLd, kLd, m_buf + b_off, kLd, 0, kBwTile / 16);
+    const T* x = ((j & 1) ? b1 : b0) + strip * 16 * kLd;
+    const T* y = ((j & 1) ? b1 : b0) + L * kLd + c0 * kLd;
+    if (np_end > 0) {
+      if (j < n1) {
+        warp_gemm<T, false, false, NT>(hv, x, kLd, y, kLd, 0, kBwTile / 16, np_end);
+      } else {
+        warp_gemm<T, false, false, NT>(acc, x, kLd, y, kLd, 0, kBwTile / 16, np_end);
+      }
+    }
+    __syncthreads();  // the buffers of step j are refilled at step j + 2
+  }
+}
+
+// One product of rows_by_state: its n steps multiply the (L, kBwTile) tile X_i = x + i x_step (row
+// stride x_ld) by the kBwTile x kBwTile 16-bit block M_i = m + i m_step (row stride m_ld) of a
+// state or its gradient.
+template <typename T>
+struct StateProduct {
+  const T* x;
+  int64_t x_step, x_ld;
+  const T* m;
+  int64_t m_step, m_ld;
+  int n;
+};
+
+// Issues the tiles X, M of one step into buffer `buf` (0 or 1) of sX / sM, one cp.async group.
+template <typename T, int L>
+__device__ __forceinline__ void issue_tiles(const T* x, int64_t x_ld, const T* m, int64_t m_ld, int buf, T* sX,
+                                            T* sM) {
+  constexpr int kThreads = PostWarps<L>::kThreads;
+  load_tile<T, L, L, kThreads>(sX + buf * L * kLd, x, x_ld);
+  load_tile<T, L, kBwTile, kThreads>(sM + buf * kBwTile * kLd, m, m_ld);
+  cp_async_commit();
+}
+
+// Issues step 0 of `sp` into buffer `buf`.
+template <typename T, int L>
+__device__ __forceinline__ void issue_state_step(StateProduct<T> sp, int buf, T* sX, T* sM) {
+  issue_tiles<T, L>(sp.x, sp.x_ld, sp.m, sp.m_ld, buf, sX, sM);
+}
+
+// acc = sum over i < n of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16 rows
+// (strip) and kOutCols columns from c0. Step i's tiles sit in buffer (phase + i) & 1, and the
+// tiles of step i + 1 are in flight during the products of step i. Step 0's tiles must be in
+// flight already (issue_state_step, by the caller or, as its `next`, by the product before);
+// with has_next this call issues next's step 0 during its own last step, so that they land during
+// the caller's work between the two. Waits for every cp.async group committed before its last
+// step; advances phase by n.
+template <typename T, int L, bool kBT>
+__device__ __forceinline__ void rows_by_state(float (&acc)[PostWarps<L>::kOutCols / 8][4], StateProduct<T> sp,
+                                              bool has_next, StateProduct<T> next, int& phase, T* sX, T* sM,
+                                              int strip, int c0) {
+  constexpr int NO = PostWarps<L>::kOutCols / 8;
+  // B is M^T ([n][k]: rows c0.. of M) or M ([k][n]: columns c0..).
+  const int b_off = kBT ? c0 : c0 * kLd;
+  zero(acc);
+  for (int i = 0; i < sp.n; ++i) {
+    const int buf = (phase + i) & 1;
+    if (i + 1 < sp.n) {
+      // The other buffer's step (i - 1, or the product before) is done: the barrier below.
+      issue_tiles<T, L>(sp.x + (i + 1) * sp.x_step, sp.x_ld, sp.m + (i + 1) * sp.m_step, sp.m_ld, buf ^ 1, sX, sM);
+      cp_async_wait<1>();
+    } else if (has_next) {
+      issue_state_step<T, L>(next, buf ^ 1, sX, sM);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    warp_gemm<T, false, kBT, NO>(acc, sX + buf * L * kLd + strip * 16 * kLd, kLd, sM + buf * kBwTile * kLd + b_off,
+                                 kLd, 0, kBwTile / 16);
     __syncthreads();  // the buffers of step i are refilled at step i + 2
   }
+  phase += sp.n;
+}
+
+// dH_t . H_t for the chunk's L rows into ddot: a warp per 16 rows (t = warp + NW j), a lane per
+// column pair (coalesced), eight rows' loads in flight and their eight reductions interleaved (a
+// row at a time left each warp waiting on one load, then on one shuffle chain).
+template <typename T, int L>
+__device__ __forceinline__ void dH_dot_H(const BwParams& p, int64_t row0, float* ddot) {
+  constexpr int NW = L / 16;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* dH = static_cast<const T*>(p.dh) + row0 * p.DV;
+  const T* H = static_cast<const T*>(p.h) + row0 * p.DV;
+#pragma unroll
+  for (int j0 = 0; j0 < 16; j0 += 8) {
+    float x[8] = {};
+    for (int c = 2 * lane; c < p.DV; c += 64) {
+      float2 a[8], b[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int64_t off = static_cast<int64_t>(warp + NW * (j0 + j)) * p.DV + c;
+        a[j] = load2(dH + off), b[j] = load2(H + off);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) x[j] = fmaf(a[j].x, b[j].x, fmaf(a[j].y, b[j].y, x[j]));
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[j] = warp_sum(x[j]);
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) ddot[warp + NW * (j0 + j)] = x[j];
+    }
+  }
+}
+
+// dnsum of one row: den = max(|nsum|, e^-m), so the gradient follows |nsum| where it is the larger
+// (ties included), -r (dH . H) sign(nsum), and is 0 where e^-m is.
+__device__ __forceinline__ float nsum_gradient(float nsum, float m, float r, float ddot) {
+  return fabsf(nsum) < expf(-m) ? 0.f : -r * ddot * sign_of(nsum);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -207,7 +323,18 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
   const T* Q = static_cast<const T*>(p.q) + row0 * p.DQ;
   stage_gates<L>(p, pair, chunk, s, false);
 
-  if (p.exact) {
+  if (p.exact && p.n_signed) {
+    // The forward saved nsum itself (vecN_signed): its sign and the branch need no products.
+    dH_dot_H<T, L>(p, row0, ddot);
+    __syncthreads();
+    for (int t = threadIdx.x; t < L; t += blockDim.x) {
+      const float nsum = p.den[row0 + t];
+      const float dn = nsum_gradient(nsum, s.m[t], s.r[t], ddot[t]);
+      s.dns[t] = dn;
+      p.dnsum[row0 + t] = dn;
+    }
+    __syncthreads();
+  } else if (p.exact) {
     // nsum[t] = sum_s W[t, s] + gq[t] q_t . n_k: S = Q K^T with q . n alongside.
     for (int t = threadIdx.x; t < L; t += blockDim.x) qn[t] = 0.f;
     const T* K = static_cast<const T*>(p.k) + row0 * p.DQ;
@@ -229,18 +356,7 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
       }
       __syncthreads();
     }
-    // dH_t . H_t, a warp per row (coalesced).
-    const T* dH = static_cast<const T*>(p.dh) + row0 * p.DV;
-    const T* H = static_cast<const T*>(p.h) + row0 * p.DV;
-    for (int t = warp; t < L; t += NW) {
-      float x = 0.f;
-      for (int c = 2 * lane; c < p.DV; c += 64) {
-        const float2 a = load2(dH + t * p.DV + c), b = load2(H + t * p.DV + c);
-        x = fmaf(a.x, b.x, fmaf(a.y, b.y, x));
-      }
-      x = warp_sum(x);
-      if (lane == 0) ddot[t] = x;
-    }
+    dH_dot_H<T, L>(p, row0, ddot);
     __syncthreads();
     const int t0 = warp * 16 + g, t1 = t0 + 8;
     float rs0 = 0.f, rs1 = 0.f;
@@ -259,8 +375,7 @@ __global__ void __launch_bounds__(2 * L) bw_pre_kernel(const BwParams p) {
       for (int j = 0; j < 2; ++j) {
         const int t = j == 0 ? t0 : t1;
         const float nsum = (j == 0 ? rs0 : rs1) + s.gq[t] * qn[t];
-        // den = max(|nsum|, e^-m): the gradient follows |nsum| where it is the larger.
-        const float dn = fabsf(nsum) < expf(-s.m[t]) ? 0.f : -s.r[t] * ddot[t] * sign_of(nsum);
+        const float dn = nsum_gradient(nsum, s.m[t], s.r[t], ddot[t]);
         s.dns[t] = dn;
         p.dnsum[row0 + t] = dn;
       }
@@ -368,6 +483,29 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
   const T* K = static_cast<const T*>(p.k) + row0 * p.DQ;
   const T* V = static_cast<const T*>(p.v) + row0 * p.DV;
   const T* dH = static_cast<const T*>(p.dh) + row0 * p.DV;
+  const T* C_k = static_cast<const T*>(p.c_states) + (pair * (p.NC + 1) + chunk) * p.DQ * p.DV;
+  const T* G_k = static_cast<const T*>(p.g_states) + blk * p.DQ * p.DV;  // the gradient of state k+1
+  constexpr int kThr = Wp::kThreads;
+  // The Q and K tiles of the DQ loop's step d0 (sA, sB), one cp.async group.
+  auto load_qk = [&](int d0) {
+    load_tile<T, L, L, kThr>(sA, Q + d0, p.DQ);
+    load_tile<T, L, L, kThr>(sB, K + d0, p.DQ);
+    cp_async_commit();
+  };
+  // The state products in the order they run (dH C_k^T and V G_{k+1}^T per DQ tile, then K G_{k+1}
+  // per DV tile). Chained (p.chain_states), each issues the next one's first tiles during its
+  // last step, so that they land during the products and stores between the two; `early`: the
+  // first product's tiles and the first Q and K tiles go out before the elementwise step.
+  auto by_C = [&](int d0) {
+    return StateProduct<T>{dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile};
+  };
+  auto by_G = [&](int d0) {
+    return StateProduct<T>{V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile};
+  };
+  auto by_KG = [&](int e0) {
+    return StateProduct<T>{K, kBwTile, p.DQ, G_k + e0, static_cast<int64_t>(kBwTile) * p.DV, p.DV, p.DQ / kBwTile};
+  };
+  const bool chain = p.chain_states, early = kWC > 1 && chain;
   for (int t = threadIdx.x; t < L; t += blockDim.x) {
     cols[t] = 0.f;
     if constexpr (kWC > 1) rows[t] = qdot[t] = kdot[t] = 0.f;  // summed over a strip's warps
@@ -380,15 +518,28 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
   float acc[NT][4];
   float hv[kWC > 1 ? NT : 1][4];
   if constexpr (kWC > 1) {
-    chunk_gram<T, L>(hv, dH, V, p.DV, sA, sB, strip, cl);
+    // The inter-chunk region (sX) is free until the DQ loop: the second buffer pair.
+    static_assert(2 * L * kLd * 2 <= PostSmem<L>::kRegion, "two tiles fit the inter-chunk region");
+    if (p.grams_pipelined) {
+      chunk_grams_pipelined<T, L>(hv, acc, dH, V, Q, K, p.DV, p.DQ, sA, sX, strip, cl);
+    } else {
+      chunk_gram<T, L>(hv, dH, V, p.DV, sA, sB, strip, cl);
+      chunk_gram<T, L>(acc, Q, K, p.DQ, sA, sB, strip, cl);
+    }
+    // The first state product's tiles (sX holds no park here) and the DQ loop's first Q and K
+    // tiles (sA, sB: the grams are done with them) land during the elementwise step.
+    if (early) {
+      issue_state_step<T, L>(by_C(0), 0, sX, sM);
+      load_qk(0);
+    }
   } else {
     chunk_gram<T, L>(acc, dH, V, p.DV, sA, sB, strip, cl);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
       *reinterpret_cast<float4*>(frag + ((warp * NT + nt) * 32 + lane) * 4) =
           make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+    chunk_gram<T, L>(acc, Q, K, p.DQ, sA, sB, strip, cl);
   }
-  chunk_gram<T, L>(acc, Q, K, p.DQ, sA, sB, strip, cl);
 
   // ---- The L x L elementwise step: P, W = qk_scale S o P, dW = r dH V^T + dnsum (causal; the
   // masks select, so a later row's NaN stays out), the sums of dW o W, and the 16-bit operands.
@@ -450,24 +601,23 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
   float qd0 = 0.f, qd1 = 0.f, kd0 = 0.f, kd1 = 0.f;
   const float* n_k = p.n_states + (pair * (p.NC + 1) + chunk) * p.DQ;
   const float* gn = p.gn + blk * p.DQ;
-  const T* C_k = static_cast<const T*>(p.c_states) + (pair * (p.NC + 1) + chunk) * p.DQ * p.DV;
-  const T* G_k = static_cast<const T*>(p.g_states) + blk * p.DQ * p.DV;  // the gradient of state k+1
-  constexpr int NO = Wp::kOutCols / 8, kThr = Wp::kThreads;
+  constexpr int NO = Wp::kOutCols / 8;
+  int phase = 0;
+  if (chain && !early) issue_state_step<T, L>(by_C(0), 0, sX, sM);
   for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
-    load_tile<T, L, L, kThr>(sA, Q + d0, p.DQ);
-    load_tile<T, L, L, kThr>(sB, K + d0, p.DQ);
-    cp_async_commit();
+    if (!early || d0 > 0) load_qk(d0);
     float inter[NO][4], o[NO][4];
     const int dc = d0 + co;  // the warp's first output column
     // dH C_k^T and V G_{k+1}^T over the DHHV blocks (the first also waits for the Q and K tiles).
-    rows_by_state<T, L, false>(inter, dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV,
-                               p.DV / kBwTile, sX, sM, strip, co);
+    if (!chain) issue_state_step<T, L>(by_C(d0), phase & 1, sX, sM);
+    rows_by_state<T, L, false>(inter, by_C(d0), chain, by_G(d0), phase, sX, sM, strip, co);
     zero(o);
     warp_gemm<T, false, true, NO>(o, sDsp + strip * 16 * LdL, LdL, sB + co, kLd, 0, strip + 1);
     store_with_inter<T, NO>(o, inter, sA + co, static_cast<T*>(p.dq), row0, p.DQ, dc, t0, t1, qd0, qd1,
                             [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * __ldg(n_k + dc + d)); });
-    rows_by_state<T, L, false>(inter, V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV,
-                               p.DV / kBwTile, sX, sM, strip, co);
+    if (!chain) issue_state_step<T, L>(by_G(d0), phase & 1, sX, sM);
+    rows_by_state<T, L, false>(inter, by_G(d0), chain, d0 + kBwTile < p.DQ ? by_C(d0 + kBwTile) : by_KG(0), phase,
+                               sX, sM, strip, co);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sDsp + strip * 16, LdL, sA + co, kLd, strip, NS);
     store_with_inter<T, NO>(o, inter, sB + co, static_cast<T*>(p.dk), row0, p.DQ, dc, t0, t1, kd0, kd1,
@@ -481,7 +631,9 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
     cp_async_commit();
     float inter[NO][4], o[NO][4];
     // K G_{k+1} over the DHQK blocks (also waits for the dH tile).
-    rows_by_state<T, L, true>(inter, K, kBwTile, p.DQ, G_k + e0, kBwTile * p.DV, p.DV, p.DQ / kBwTile, sX, sM,
+    if (!chain) issue_state_step<T, L>(by_KG(e0), phase & 1, sX, sM);
+    const bool more = e0 + kBwTile < p.DV;
+    rows_by_state<T, L, true>(inter, by_KG(e0), chain && more, by_KG(more ? e0 + kBwTile : e0), phase, sX, sM,
                               strip, co);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sWr + strip * 16, LdL, sA + co, kLd, strip, NS);

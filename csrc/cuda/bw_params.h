@@ -24,7 +24,7 @@ constexpr int kBwTile = 64;  // DHQK / DHHV columns per staged tile; both must b
 struct BwParams {
   const void *q, *k, *v, *dh, *h;  // (g, S, D) in the inputs' 16-bit dtype
   const float *igate, *fgate;      // (g, S)
-  const float *den, *m;            // (g, S): the forward's vecN and vecM
+  const float *den, *m;            // (g, S): the forward's vecN (den, or nsum) and vecM
   const float* m_states;           // (g, NC + 1): the recomputed m state at each chunk border
   const float* n_states;           // (g, NC + 1, DQ)
   float* dnsum;                    // (g, S): written by bw_pre, read by bw_post (exact mode)
@@ -42,6 +42,9 @@ struct BwParams {
   int NC, L, DQ, DV;
   float qk_scale, eps;
   bool exact;
+  bool n_signed;  // den holds the forward's nsum (vecN_signed): bw_pre reads its sign, not Q K^T
+  bool grams_pipelined;  // bw_post at L = 128: dH V^T and Q K^T as one pipeline   (MLSTM_EXT_BW_PIPELINE
+  bool chain_states;     // bw_post: each state product issues the next one's tiles  bw_cuda.cpp)
 };
 
 constexpr int kLd = kBwTile + 8;  // row stride of a staged 16-bit tile: ldmatrix rows hit distinct banks

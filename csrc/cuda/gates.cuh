@@ -24,6 +24,19 @@ __device__ __forceinline__ SplitSum split_sum(double exact) {
   return {hi, isfinite(hi) ? static_cast<float>(exact - hi) : 0.f};
 }
 
+// max that keeps NaN (fmaxf drops it): a NaN gate must show in m like in every other output.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// SPEC's den = max(|nsum|, e^-m) from the forward's vecN: den itself, or nsum where the forward
+// ran with vecN_signed.
+__device__ __forceinline__ float den_of(float vecN, float m, bool signed_n) {
+  return signed_n ? nan_max(fabsf(vecN), expf(-m)) : vecN;
+}
+
 // bg[t] - bg[s] from the two parts (any scratch with arrays bg and bg_lo): the float parts
 // subtract exactly where they are close, and where they are not the span is huge and its low bits
 // do not matter. A later gate is never absorbed by a huge earlier one.

@@ -31,13 +31,6 @@ constexpr float kMaxShift = 64.f;         // largest frame shift delta
 // (bg[t] - F[t]) + (i[s] - bg[s]), where i is lost beside a huge bg (f = -1e30, say).
 constexpr float kWideGate = 128.f;
 
-// max that keeps NaN (fmaxf drops it): a NaN gate must show in m like in every other output.
-__device__ __forceinline__ float nan_max(float a, float b) {
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
 // The tile of one block: blockIdx.x = ((bh * NC + chunk) * n_qt + qt) * n_dvt + dvt, so the
 // blocks that share a chunk's Q, K and C run side by side and re-read them from L2.
 struct Tile {
@@ -97,23 +90,21 @@ __device__ __forceinline__ GateScratch gate_scratch(unsigned char* smem, int gat
 
 // Steps 1-4 for query rows row0..row0+kRows-1 of one chunk, into the gate scratch. Returns
 // whether the chunk's gates are wide (block-uniform): then the exponents are formed exactly.
+// m_prev is the state's stabiliser before the chunk, gf / gi the chunk's gates with strides f_ss /
+// i_ss (the fused forward has m in a register and the gates already in shared memory).
 template <int kRows>
 __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& tile,
-                                            const GateScratch& gs) {
+                                            const GateScratch& gs, float m_prev, const float* gf,
+                                            int64_t f_ss, const float* gi, int64_t i_ss) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int row_end = tile.row_end;
-  const float m_prev = p.m[tile.b * p.m_sb + tile.h * p.m_sh + tile.chunk * p.m_ss];
   // All threads fetch the gates at once (one memory round trip), then warp 0 scans in shared.
   float big = 0.f;  // max |i| and |bg| seen by this thread
-  const float* gf = p.fgate + tile.b * p.f_sb + tile.h * p.f_sh + tile.s0 * p.f_ss;
-  {
-    const float* gi = p.igate + tile.b * p.i_sb + tile.h * p.i_sh + tile.s0 * p.i_ss;
-    for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
-      gs.bg[s] = log_forget(gf[s * p.f_ss]);  // scanned below
-      const float iv = gi[s * p.i_ss];
-      gs.col_b[s] = iv;
-      big = fmaxf(big, fabsf(iv));
-    }
+  for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
+    gs.bg[s] = log_forget(gf[s * f_ss]);  // scanned below
+    const float iv = gi[s * i_ss];
+    gs.col_b[s] = iv;
+    big = fmaxf(big, fabsf(iv));
   }
   __syncthreads();
   if (warp == 0) {
@@ -200,6 +191,13 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   __syncthreads();
   return wide;
 }
+template <int kRows>
+__device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& tile,
+                                            const GateScratch& gs) {
+  return stage_gates<kRows>(p, tile, gs, p.m[tile.b * p.m_sb + tile.h * p.m_sh + tile.chunk * p.m_ss],
+                            p.fgate + tile.b * p.f_sb + tile.h * p.f_sh + tile.s0 * p.f_ss, p.f_ss,
+                            p.igate + tile.b * p.i_sb + tile.h * p.i_sh + tile.s0 * p.i_ss, p.i_ss);
+}
 
 // One query row of a lane, as step 5 needs it.
 struct RowGate {
@@ -245,34 +243,35 @@ __device__ __forceinline__ void weigh_scores(float* x, int kb0, int row_end, con
 }
 
 // Steps 6-7 for one row, in the shifted frame: nsum is sum w + g q.n (times e^delta), so
-// den' = max(|nsum|, e^(delta - m)), H = num / (den' + eps e^delta) and SPEC's den = den' e^-delta.
+// den' = max(|nsum|, e^(delta - m)), H = num / (den' + eps e^delta) and SPEC's den = den' e^-delta
+// (vecN; SPEC's nsum = nsum e^-delta where `signed_n`).
 struct RowNorm {
   float inv;  // 1 / (den' + eps e^delta)
   float den;  // vecN
 };
-__device__ __forceinline__ RowNorm row_normaliser(float nsum, float m, float delta, float eps) {
+__device__ __forceinline__ RowNorm row_normaliser(float nsum, float m, float delta, float eps, bool signed_n) {
   const float den_f = nan_max(fabsf(nsum), expf(delta - m));
-  return {1.f / (den_f + eps * expf(delta)), den_f * expf(-delta)};
+  return {1.f / (den_f + eps * expf(delta)), (signed_n ? nsum : den_f) * expf(-delta)};
 }
 
 // A tile whose outputs came out non-finite is recomputed element by element, summing keys s <= t
 // only: the tensor-core products multiply masked weights (zeros) by later rows of V too, and
 // 0 * NaN would leak a later row's NaN or Inf into earlier rows. Rare (non-finite inputs or
 // overflow), so plain float32 arithmetic from global memory, in the same frame as the main path.
-template <typename T>
+// c_at(d, col) is C_k[d, col] (the fused forward reads it from its shared-memory split).
+template <typename T, class CAt>
 __device__ __forceinline__ void recompute_tile_exactly(const HintraParams& p, const Tile& tile,
-                                                    const GateScratch& gs, bool wide, int bdv) {
+                                                    const GateScratch& gs, bool wide, int bdv, CAt c_at) {
   const T* q = static_cast<const T*>(p.q) + tile.b * p.q_sb + tile.h * p.q_sh + tile.s0 * p.q_ss;
   const T* k = static_cast<const T*>(p.k) + tile.b * p.k_sb + tile.h * p.k_sh + tile.s0 * p.k_ss;
   const T* v = static_cast<const T*>(p.v) + tile.b * p.v_sb + tile.h * p.v_sh + tile.s0 * p.v_ss;
-  const float* C = p.C + tile.b * p.C_sb + tile.h * p.C_sh + (int64_t)tile.chunk * p.DHQK * p.C_sr;
   T* H = static_cast<T*>(p.H) + (tile.bh * p.S + tile.s0) * p.DHHV;
   const int cols = min(bdv, tile.dv_valid);
   for (int idx = threadIdx.x; idx < tile.rows_valid * cols; idx += blockDim.x) {
     const int r = idx / cols, col = tile.dv0 + idx % cols, t = tile.row0 + r;
     const T* qt = q + t * p.q_ss;
     float qc = 0.f;
-    for (int d = 0; d < p.DHQK; ++d) qc = fmaf(to_float(qt[d]), C[d * p.C_sr + col], qc);
+    for (int d = 0; d < p.DHQK; ++d) qc = fmaf(to_float(qt[d]), c_at(d, col), qc);
     float num = gs.row_g[r] * qc;
     const float ra = gs.row_a[r];
     for (int s = 0; s <= t; ++s) {
@@ -283,6 +282,14 @@ __device__ __forceinline__ void recompute_tile_exactly(const HintraParams& p, co
     }
     H[t * p.DHHV + col] = from_float<T>(num * gs.row_inv[r]);
   }
+}
+
+// The H kernels: C_k from the states in global memory.
+template <typename T>
+__device__ __forceinline__ void recompute_tile_exactly(const HintraParams& p, const Tile& tile,
+                                                    const GateScratch& gs, bool wide, int bdv) {
+  const float* C = p.C + tile.b * p.C_sb + tile.h * p.C_sh + (int64_t)tile.chunk * p.DHQK * p.C_sr;
+  recompute_tile_exactly<T>(p, tile, gs, wide, bdv, [&](int d, int col) { return C[d * p.C_sr + col]; });
 }
 
 }  // namespace mlstm::cuda

@@ -73,6 +73,7 @@ void hintra_cuda(const HintraArgs& a, at::Tensor& matH, at::Tensor& vecN, at::Te
   p.NC = static_cast<int>(a.NC);
   p.qk_scale = static_cast<float>(a.qk_scale);
   p.eps = static_cast<float>(a.eps);
+  p.n_signed = a.vecN_signed;
   p.q_vec = cuda::rows_aligned16(q, 2);
   p.k_vec = cuda::rows_aligned16(k, 2);
   p.v_vec = cuda::rows_aligned16(v, 2);

@@ -33,6 +33,7 @@ struct HintraParams {
   int n_qt, n_dvt;     // query-row tiles per chunk, DHHV tiles
   float qk_scale, eps;
   bool q_vec, k_vec, v_vec, c_vec;  // rows 16-byte aligned: cp.async path
+  bool n_signed;                    // vecN gets nsum instead of den (HintraArgs::vecN_signed)
 };
 
 enum class InputType { kFloat32, kBFloat16, kFloat16 };

@@ -366,8 +366,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) hintra_sm80_kern
     rowsum0 = quad_sum(rowsum0), rowsum1 = quad_sum(rowsum1);
     qn0 = quad_sum(qn0), qn1 = quad_sum(qn1);
     const int ra = wr + g, rb = ra + 8;
-    const RowNorm n0 = row_normaliser(rowsum0 + g0 * qn0, gs.row_m[ra], gs.row_d[ra], p.eps);
-    const RowNorm n1 = row_normaliser(rowsum1 + g1 * qn1, gs.row_m[rb], gs.row_d[rb], p.eps);
+    const RowNorm n0 = row_normaliser(rowsum0 + g0 * qn0, gs.row_m[ra], gs.row_d[ra], p.eps, p.n_signed);
+    const RowNorm n1 = row_normaliser(rowsum1 + g1 * qn1, gs.row_m[rb], gs.row_d[rb], p.eps, p.n_signed);
     if (tq == 0) gs.row_inv[ra] = n0.inv, gs.row_inv[rb] = n1.inv;
     const int64_t pos0 = bh * p.S + s0 + r0.t;  // row index into (B*NH*S)
     store_outputs<T, NT>(p, &acc[0][0], n0, n1, gs.row_m[ra], gs.row_m[rb], pos0, r0.t < row_end, r1.t < row_end,

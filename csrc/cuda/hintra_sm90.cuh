@@ -317,8 +317,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   rowsum0 = quad_sum(rowsum0), rowsum1 = quad_sum(rowsum1);
   const int ra = wr + g, rb = ra + 8;
   const float m0 = gs.row_m[ra], m1 = gs.row_m[rb];
-  const RowNorm n0 = row_normaliser(rowsum0 + qn0, m0, gs.row_d[ra], p.eps);
-  const RowNorm n1 = row_normaliser(rowsum1 + qn1, m1, gs.row_d[rb], p.eps);
+  const RowNorm n0 = row_normaliser(rowsum0 + qn0, m0, gs.row_d[ra], p.eps, p.n_signed);
+  const RowNorm n1 = row_normaliser(rowsum1 + qn1, m1, gs.row_d[rb], p.eps, p.n_signed);
   const float inv0 = n0.inv, inv1 = n1.inv;
   bool bad = false;
 #pragma unroll

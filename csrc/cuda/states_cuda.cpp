@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "cuda/device_facts.h"
+#include "cuda/states_host.h"
 #include "cuda/states_params.h"
 #include "cuda/tensor_layout.h"
 #include "states.h"
@@ -26,6 +27,33 @@ bool states_split(int64_t blocks, int device) {
 
 }  // namespace
 
+namespace cuda {
+
+std::pair<at::Tensor, at::Tensor> run_states_gates(const StatesArgs& a, cudaStream_t stream) {
+  const int64_t num_bh = a.B * a.NH;
+  const auto f32 = a.matK.options().dtype(at::kFloat);
+  at::Tensor abuf = at::empty({num_bh, a.S}, f32);
+  at::Tensor gm = at::empty({num_bh, a.NC, 2}, f32);
+  if (num_bh * a.NC > 0) {
+    StatesGateParams g{};
+    g.igate = a.vecI.data_ptr<float>();
+    g.i_sb = a.vecI.stride(0), g.i_sh = a.vecI.stride(1), g.i_ss = a.vecI.stride(2);
+    g.fgate = a.vecF.data_ptr<float>();
+    g.f_sb = a.vecF.stride(0), g.f_sh = a.vecF.stride(1), g.f_ss = a.vecF.stride(2);
+    g.a = abuf.data_ptr<float>();
+    g.gm = reinterpret_cast<float2*>(gm.data_ptr<float>());
+    g.NH = a.NH;
+    g.S = a.S;
+    g.num_chunks = num_bh * a.NC;
+    g.L = static_cast<int>(a.L);
+    g.NC = static_cast<int>(a.NC);
+    launch_states_gates(g, stream);
+  }
+  return {abuf, gm};
+}
+
+}  // namespace cuda
+
 void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all, at::Tensor& scaM_all) {
   check_not_float64_on_cuda("recurrent_fw_states", "matK", a.matK);
   TORCH_CHECK(a.DHQK < INT_MAX && a.DHHV < INT_MAX && a.L < INT_MAX && a.NC < INT_MAX,
@@ -42,28 +70,10 @@ void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all
 
   const at::Tensor k = cuda::unit_last_stride(a.matK), v = cuda::unit_last_stride(a.matV);
   // Gates and initial states are float32 already (check_states_args), in the caller's strides.
-  const at::Tensor &vi = a.vecI, &vf = a.vecF;
   const int64_t num_bh = a.B * a.NH;
 
   // Kernel 1: a[s] and (g_k, max_s a[s]) for every chunk.
-  const auto f32 = a.matK.options().dtype(at::kFloat);
-  at::Tensor abuf = at::empty({num_bh, a.S}, f32);
-  at::Tensor gm = at::empty({num_bh, a.NC, 2}, f32);
-  if (num_bh * a.NC > 0) {
-    cuda::StatesGateParams g{};
-    g.igate = vi.data_ptr<float>();
-    g.i_sb = vi.stride(0), g.i_sh = vi.stride(1), g.i_ss = vi.stride(2);
-    g.fgate = vf.data_ptr<float>();
-    g.f_sb = vf.stride(0), g.f_sh = vf.stride(1), g.f_ss = vf.stride(2);
-    g.a = abuf.data_ptr<float>();
-    g.gm = reinterpret_cast<float2*>(gm.data_ptr<float>());
-    g.NH = a.NH;
-    g.S = a.S;
-    g.num_chunks = num_bh * a.NC;
-    g.L = static_cast<int>(a.L);
-    g.NC = static_cast<int>(a.NC);
-    cuda::launch_states_gates(g, stream);
-  }
+  auto [abuf, gm] = cuda::run_states_gates(a, stream);
 
   // Kernel 2: the states.
   cuda::StatesParams p{};
@@ -73,21 +83,7 @@ void states_cuda(const StatesArgs& a, at::Tensor& matC_all, at::Tensor& vecN_all
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
   p.a = abuf.data_ptr<float>();
   p.gm = reinterpret_cast<const float2*>(gm.data_ptr<float>());
-  if (a.matC_initial.defined()) {
-    const at::Tensor& c = a.matC_initial;
-    p.C0 = c.data_ptr<float>();
-    p.C0_sb = c.stride(0), p.C0_sh = c.stride(1), p.C0_sr = c.stride(2), p.C0_sc = c.stride(3);
-  }
-  if (a.vecN_initial.defined()) {
-    const at::Tensor& n = a.vecN_initial;
-    p.n0 = n.data_ptr<float>();
-    p.n0_sb = n.stride(0), p.n0_sh = n.stride(1), p.n0_sr = n.stride(2);
-  }
-  if (a.scaM_initial.defined()) {  // (B, NH)
-    const at::Tensor& m = a.scaM_initial;
-    p.m0 = m.data_ptr<float>();
-    p.m0_sb = m.stride(0), p.m0_sh = m.stride(1);
-  }
+  cuda::set_initial_states(p, a);
   // Outputs: allocated contiguous by the op.
   TORCH_INTERNAL_ASSERT(matC_all.is_contiguous() && vecN_all.is_contiguous() && scaM_all.is_contiguous());
   // C in float32 (the op), or in the 16-bit input dtype (the backward's recompute, whose kernels

@@ -25,7 +25,6 @@
 namespace mlstm::cuda {
 
 // max that propagates NaN like torch.maximum / amax (fmaxf would drop it).
-__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || isnan(a)) ? a : b; }
 
 // (x0, x1) ~ hi + lo, both pairs in T: hi rounds x, lo rounds the exact float remainder x - hi.
 template <typename T>

@@ -1,0 +1,97 @@
+// CUDA entry of the fused forward (fused_fw_params.h): whether it applies, then the states' gate
+// kernel (a[s], (g_k, max a)) and the one fused launch on the caller's stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda/device_facts.h"
+#include "cuda/fused_fw_params.h"
+#include "cuda/states_host.h"
+#include "cuda/tensor_layout.h"
+#include "forward.h"
+
+namespace mlstm {
+namespace {
+
+// MLSTM_EXT_FUSED_FW (read at every call): "0" never, "1" wherever the kernel applies (DHQK up to
+// 256, any sm_80+ device), else (default) where it measured faster than the two kernels: DHQK up
+// to 128 on compute capability 9.x (H100: 0.843 -> 0.742 ms at (8, 16, 4096, 128, 128, 64); at
+// DHQK 256 it was 1.16x slower: one block of 8 warps per SM; benchmarks/NOTES.md).
+enum class FusedMode { kOff, kOn, kDefault };
+FusedMode fused_mode() {
+  const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return FusedMode::kOff;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return FusedMode::kOn;
+  return FusedMode::kDefault;
+}
+
+}  // namespace
+
+bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
+  const StatesArgs& a = f.states;
+  const at::ScalarType dt = f.matQ.scalar_type();
+  const FusedMode mode = fused_mode();
+  if (mode == FusedMode::kOff || (dt != at::kBFloat16 && dt != at::kHalf) || a.L != 64 || a.DHQK < 1 ||
+      a.DHQK > 256 || a.DHHV < 1 || a.NC < 1 || a.NC >= INT_MAX || a.DHHV >= (1 << 20)) {
+    return false;
+  }
+  const int dqk_cap = a.DHQK <= 128 ? 128 : 256;
+  const int smem = dqk_cap == 128 ? cuda::FusedFwTraits<__nv_bfloat16, 128>::kSmemBytes
+                                  : cuda::FusedFwTraits<__nv_bfloat16, 256>::kSmemBytes;
+  const cuda::DeviceFacts& dev = cuda::device_facts(f.matQ.get_device());
+  const int n_dvt = static_cast<int>((a.DHHV + 63) / 64);
+  const int64_t blocks = a.B * a.NH * n_dvt;
+  if (dev.cc_major < 8 || dev.smem_per_block_optin < smem || blocks >= INT_MAX) return false;
+  if (mode == FusedMode::kDefault && (dqk_cap != 128 || dev.cc_major != 9)) return false;
+
+  const c10::cuda::CUDAGuard guard(f.matQ.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor q = cuda::unit_last_stride(f.matQ), k = cuda::unit_last_stride(a.matK),
+                   v = cuda::unit_last_stride(a.matV);
+  const auto f32 = f.matQ.options().dtype(at::kFloat);
+
+  // The states' gates (states_gates.cu): a[s] and (g_k, max_s a[s]) per chunk.
+  auto [abuf, gm] = cuda::run_states_gates(a, stream);
+
+  at::Tensor matH = at::empty({a.B, a.NH, a.S, a.DHHV}, f.matQ.options());
+  at::Tensor vecN = at::empty({a.B, a.NH, a.S}, f32), vecM = at::empty({a.B, a.NH, a.S}, f32);
+  at::Tensor C_last = at::empty({a.B, a.NH, a.DHQK, a.DHHV}, f32);
+  at::Tensor n_last = at::empty({a.B, a.NH, a.DHQK}, f32), m_last = at::empty({a.B, a.NH}, f32);
+
+  cuda::FusedFwParams p{};
+  cuda::HintraParams& h = p.h;
+  h.q = q.data_ptr(), h.k = k.data_ptr(), h.v = v.data_ptr();
+  h.q_sb = q.stride(0), h.q_sh = q.stride(1), h.q_ss = q.stride(2);
+  h.k_sb = k.stride(0), h.k_sh = k.stride(1), h.k_ss = k.stride(2);
+  h.v_sb = v.stride(0), h.v_sh = v.stride(1), h.v_ss = v.stride(2);
+  h.igate = a.vecI.data_ptr<float>();
+  h.i_sb = a.vecI.stride(0), h.i_sh = a.vecI.stride(1), h.i_ss = a.vecI.stride(2);
+  h.fgate = a.vecF.data_ptr<float>();
+  h.f_sb = a.vecF.stride(0), h.f_sh = a.vecF.stride(1), h.f_ss = a.vecF.stride(2);
+  h.H = matH.data_ptr(), h.vecN = vecN.data_ptr<float>(), h.vecM = vecM.data_ptr<float>();
+  h.NH = a.NH, h.S = a.S;
+  h.DHQK = static_cast<int>(a.DHQK), h.DHHV = static_cast<int>(a.DHHV), h.L = static_cast<int>(a.L);
+  h.NC = static_cast<int>(a.NC);
+  h.rows_per_block = 64, h.n_qt = 1, h.n_dvt = n_dvt;
+  h.qk_scale = static_cast<float>(f.qk_scale), h.eps = static_cast<float>(f.eps);
+  h.n_signed = f.vecN_signed;
+  h.q_vec = cuda::rows_aligned16(q, 2), h.k_vec = cuda::rows_aligned16(k, 2), h.v_vec = cuda::rows_aligned16(v, 2);
+  p.a = abuf.data_ptr<float>();
+  p.gm = reinterpret_cast<const float2*>(gm.data_ptr<float>());
+  cuda::set_initial_states(p, a);
+  p.C_last = C_last.data_ptr<float>(), p.n_last = n_last.data_ptr<float>(), p.m_last = m_last.data_ptr<float>();
+  p.n_dvt = n_dvt;
+
+  if (dt == at::kBFloat16) {
+    cuda::launch_fused_fw_bf16(p, dqk_cap, blocks, stream);
+  } else {
+    cuda::launch_fused_fw_fp16(p, dqk_cap, blocks, stream);
+  }
+  out = {matH, C_last, n_last, m_last, vecN, vecM};
+  return true;
+}
+
+}  // namespace mlstm

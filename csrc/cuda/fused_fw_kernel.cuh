@@ -1,0 +1,338 @@
+// The fused forward kernel (fused_fw_params.h): one block per (b*h, 64 DHHV columns) walks the
+// chunks in order. Per chunk k, with chunk k + 1's K and V in flight:
+//   1. C_k (mma accumulators) goes to shared memory as bf16 hi | lo, n_k as float; the H step's
+//      gates (loaded with K and V) are staged with m_k from a register (stage_gates,
+//      hintra_common.cuh).
+//   2. The chunk's H rows: the sm_80 H step's stages (g Q C_k + W V, q . n_k, the normaliser),
+//      each warp 16 rows x 32 columns; H, vecN, vecM written.
+//   3. The state update in the accumulators, the states kernel's arithmetic (states_kernel.cuh):
+//      m_{k+1} = max(g_k + m_k, max_s a[s]), C <- e^{g_k + m_k - m_{k+1}} C + K^T diag(w) V, with
+//      k w split into hi + lo halves; chunk k + 1's Q loads meanwhile.
+// Every block of a (b, h) runs the same scalar recurrence for m. The products are those of the
+// two kernels, except that Q C_k reads C_k split from the accumulators instead of from memory.
+// Tiles whose outputs come out non-finite are recomputed exactly, as in the H step.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/fused_fw_params.h"
+#include "cuda/hintra_sm80.cuh"
+#include "cuda/states_kernel.cuh"
+
+namespace mlstm::cuda {
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(const FusedFwParams fp) {
+  using T = typename Tr::T;
+  constexpr int kL = Tr::kL, kSP = Tr::kStripsPerWarp;
+  const HintraParams& p = fp.h;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  __nv_bfloat16* sC = reinterpret_cast<__nv_bfloat16*>(smem + Tr::kCOff);
+  float* sN = reinterpret_cast<float*>(smem + Tr::kNOff);
+  const GateScratch gs = gate_scratch(smem, Tr::kGateOff, Tr::kRowOff, kL, kL);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, tq = lane % 4;
+  const int dvt = static_cast<int>(blockIdx.x % fp.n_dvt);
+  const int64_t bh = blockIdx.x / fp.n_dvt, b = bh / p.NH, h = bh % p.NH;
+  const int dv0 = dvt * Tr::kBDV;
+  const int dv_valid = p.DHHV - dv0;  // > 0; may pass the tile
+
+  // ---- The state: strips warp + 8 j (rows 16 strip + g, + 8), all 64 columns (m16n8 layout). ----
+  float acc[kSP][8][4];
+  float n_part[kSP][2];  // per-lane partial sums of n (the quad's sum is the state)
+#pragma unroll
+  for (int j = 0; j < kSP; ++j) {
+    const int r0 = (warp + 8 * j) * 16 + g;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? r0 : r0 + 8, col = dv0 + nt * 8 + 2 * tq + (e & 1);
+        acc[j][nt][e] = (fp.C0 != nullptr && row < p.DHQK && col < p.DHHV)
+                            ? fp.C0[b * fp.C0_sb + h * fp.C0_sh + row * fp.C0_sr + col * fp.C0_sc]
+                            : 0.f;
+      }
+    }
+    n_part[j][0] = n_part[j][1] = 0.f;
+    if (fp.n0 != nullptr && tq == 0) {
+      const float* n0 = fp.n0 + b * fp.n0_sb + h * fp.n0_sh;
+      if (r0 < p.DHQK) n_part[j][0] = n0[r0 * fp.n0_sr];
+      if (r0 + 8 < p.DHQK) n_part[j][1] = n0[(r0 + 8) * fp.n0_sr];
+    }
+  }
+  float m = fp.m0 != nullptr ? fp.m0[b * fp.m0_sb + h * fp.m0_sh] : 0.f;
+
+  // ---- Loads: Q (one buffer, refilled during the state update), K, V, a, (g, max a) (two). ----
+  const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + dv0;
+  const float* gA = fp.a + bh * p.S;
+  const float2* gGM = fp.gm + bh * p.NC;
+  const float* gF = p.fgate + b * p.f_sb + h * p.f_sh;
+  const float* gI = p.igate + b * p.i_sb + h * p.i_sh;
+  auto stage = [&](int buf) { return smem + Tr::kStageOff + buf * Tr::kStageBytes; };
+  auto issue_q = [&](int k) {
+    stage_tile<T, kL, Tr::kDQK, Tr::kThreads>(sQ, Tr::kSQ, gQ + static_cast<int64_t>(k) * kL * p.q_ss,
+                                              p.q_ss, kL, p.DHQK, p.q_vec);
+  };
+  auto issue_kv = [&](int k, int buf) {
+    unsigned char* st = stage(buf);
+    const int64_t t0 = static_cast<int64_t>(k) * kL;
+    stage_tile<T, kL, Tr::kDQK, Tr::kThreads>(reinterpret_cast<T*>(st), Tr::kSQ, gK + t0 * p.k_ss, p.k_ss,
+                                              kL, p.DHQK, p.k_vec);
+    stage_tile<T, kL, Tr::kBDV, Tr::kThreads>(reinterpret_cast<T*>(st + Tr::kKBytes), Tr::kSV,
+                                              gV + t0 * p.v_ss, p.v_ss, kL, dv_valid, p.v_vec);
+    float* sa = reinterpret_cast<float*>(st + Tr::kKBytes + Tr::kVBytes);
+    if (tid < kL) cp_async_4(sa + tid, gA + t0 + tid, 4);
+    if (tid < 2) cp_async_4(sa + kL + tid, reinterpret_cast<const float*>(gGM + k) + tid, 4);
+    // The raw gates of the H rows (stage_gates reads them from here).
+    float* sf = sa + kL + 4;
+    if (tid < kL) {
+      cp_async_4(sf + tid, gF + (t0 + tid) * p.f_ss, 4);
+    } else if (tid < 2 * kL) {
+      cp_async_4(sf + tid, gI + (t0 + tid - kL) * p.i_ss, 4);
+    }
+  };
+  issue_q(0);
+  issue_kv(0, 0);
+  cp_async_commit();
+
+  // The H rows of this warp.
+  const int hs = warp % 4, hc = (warp / 4) * 32;  // row strip, first column in the tile
+  const int wr = hs * 16, warp_last_row = wr + 15;
+  Tile tile{};
+  tile.dvt = dvt, tile.qt = 0, tile.bh = bh, tile.b = b, tile.h = h;
+  tile.row0 = 0, tile.rows_valid = kL, tile.row_end = kL, tile.dv0 = dv0, tile.dv_valid = dv_valid;
+
+  for (int k = 0; k < p.NC; ++k) {
+    const int buf = k & 1;
+    cp_async_wait<0>();  // chunk k's Q, K, V, a
+    __syncthreads();     // everyone's have landed; everyone is done with chunk k - 1
+    if (k + 1 < p.NC) issue_kv(k + 1, buf ^ 1);
+    cp_async_commit();
+    const unsigned char* st = stage(buf);
+    const T* sK = reinterpret_cast<const T*>(st);
+    const T* sV = reinterpret_cast<const T*>(st + Tr::kKBytes);
+    const float* sa = reinterpret_cast<const float*>(st + Tr::kKBytes + Tr::kVBytes);
+
+    // 1. C_k and n_k for the H rows (made visible by stage_gates' barriers).
+#pragma unroll
+    for (int j = 0; j < kSP; ++j) {
+      const int r0 = (warp + 8 * j) * 16 + g;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int col = nt * 8 + 2 * tq;
+        uint32_t hi, lo;
+        split_bf16(acc[j][nt][0], acc[j][nt][1], hi, lo);
+        *reinterpret_cast<uint32_t*>(sC + r0 * Tr::kSC + col) = hi;
+        *reinterpret_cast<uint32_t*>(sC + r0 * Tr::kSC + Tr::kBDV + col) = lo;
+        split_bf16(acc[j][nt][2], acc[j][nt][3], hi, lo);
+        *reinterpret_cast<uint32_t*>(sC + (r0 + 8) * Tr::kSC + col) = hi;
+        *reinterpret_cast<uint32_t*>(sC + (r0 + 8) * Tr::kSC + Tr::kBDV + col) = lo;
+      }
+      const float s0 = quad_sum(n_part[j][0]), s1 = quad_sum(n_part[j][1]);
+      if (tq == 0) sN[r0] = s0, sN[r0 + 8] = s1;
+    }
+    tile.chunk = k;
+    tile.s0 = static_cast<int64_t>(k) * kL;
+    const bool wide = stage_gates<kL>(p, tile, gs, m, sa + kL + 4, 1, sa + 2 * kL + 4, 1);
+
+    // 2. The H rows: acc_h = g (Q C_k) + W V, 16 rows x 32 columns per warp.
+    float acc_h[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc_h[i][0] = acc_h[i][1] = acc_h[i][2] = acc_h[i][3] = 0.f;
+    float qn0 = 0.f, qn1 = 0.f;
+    const float g0 = gs.row_g[wr + g], g1 = gs.row_g[wr + g + 8];
+#pragma unroll
+    for (int kk = 0; kk < Tr::kDQK; kk += 16) {
+      if (kk < p.DHQK) {
+#pragma unroll
+        for (int half = 0; half < 16; half += 8) {
+          const T* q0 = sQ + (wr + g) * Tr::kSQ + kk + half + 2 * tq;
+          const T* q1 = q0 + 8 * Tr::kSQ;
+          const float n0 = sN[kk + half + 2 * tq], n1 = sN[kk + half + 2 * tq + 1];
+          qn0 = fmaf(to_float(q0[0]), n0, fmaf(to_float(q0[1]), n1, qn0));
+          qn1 = fmaf(to_float(q1[0]), n0, fmaf(to_float(q1[1]), n1, qn1));
+        }
+        uint32_t a[4], a_lo[4];
+        ldmatrix_x4(a, sQ + (wr + (lane & 15)) * Tr::kSQ + kk + (lane >> 4) * 8);
+        if constexpr (std::is_same_v<T, __half>) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 f = unpack2<__half>(a[i]);
+            split_bf16(f.x, f.y, a[i], a_lo[i]);
+          }
+        }
+        const __nv_bfloat16* c = sC + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSC + hc + (lane >> 4) * 8;
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t bh4[4], bl4[4];
+          ldmatrix_x4_trans(bh4, c + np * 16);
+          ldmatrix_x4_trans(bl4, c + Tr::kBDV + np * 16);
+          mma_16816<__nv_bfloat16>(acc_h[2 * np], a, bh4[0], bh4[1]);
+          mma_16816<__nv_bfloat16>(acc_h[2 * np + 1], a, bh4[2], bh4[3]);
+          mma_16816<__nv_bfloat16>(acc_h[2 * np], a, bl4[0], bl4[1]);
+          mma_16816<__nv_bfloat16>(acc_h[2 * np + 1], a, bl4[2], bl4[3]);
+          if constexpr (std::is_same_v<T, __half>) {
+            mma_16816<__nv_bfloat16>(acc_h[2 * np], a_lo, bh4[0], bh4[1]);
+            mma_16816<__nv_bfloat16>(acc_h[2 * np + 1], a_lo, bh4[2], bh4[3]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) acc_h[nt][0] *= g0, acc_h[nt][1] *= g0, acc_h[nt][2] *= g1, acc_h[nt][3] *= g1;
+
+    // S = Q K^T over the causal key tiles, weighed (step 5), then acc_h += W V.
+    float rowsum0 = 0.f, rowsum1 = 0.f;
+    const RowGate rg0 = row_gate(gs, tile, wr + g), rg1 = row_gate(gs, tile, wr + g + 8);
+    auto intra = [&](auto wide_tag) {
+      constexpr bool kWide = decltype(wide_tag)::value;
+      float sacc[8][4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < Tr::kDQK; kk += 16) {
+        if (kk < p.DHQK) {
+          uint32_t a[4];
+          ldmatrix_x4(a, sQ + (wr + (lane & 15)) * Tr::kSQ + kk + (lane >> 4) * 8);
+#pragma unroll
+          for (int np = 0; np < 4; ++np) {
+            if (np * 16 <= warp_last_row) {
+              uint32_t bk[4];
+              ldmatrix_x4(bk, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + kk + ((lane >> 3) & 1) * 8);
+              mma_16816<T>(sacc[2 * np], a, bk[0], bk[1]);
+              mma_16816<T>(sacc[2 * np + 1], a, bk[2], bk[3]);
+            }
+          }
+        }
+      }
+      weigh_scores<kWide>(&sacc[0][0], 0, kL, rg0, rg1, gs, p.qk_scale, rowsum0, rowsum1);
+#pragma unroll
+      for (int kt = 0; kt < 4; ++kt) {
+        if (kt * 16 <= warp_last_row) {
+          const uint32_t a[4] = {pack2<T>(sacc[2 * kt][0], sacc[2 * kt][1]),
+                                 pack2<T>(sacc[2 * kt][2], sacc[2 * kt][3]),
+                                 pack2<T>(sacc[2 * kt + 1][0], sacc[2 * kt + 1][1]),
+                                 pack2<T>(sacc[2 * kt + 1][2], sacc[2 * kt + 1][3])};
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            uint32_t bv[4];
+            ldmatrix_x4_trans(bv, sV + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + hc + np * 16 +
+                                      (lane >> 4) * 8);
+            mma_16816<T>(acc_h[2 * np], a, bv[0], bv[1]);
+            mma_16816<T>(acc_h[2 * np + 1], a, bv[2], bv[3]);
+          }
+        }
+      }
+    };
+    if (wide) {
+      intra(std::true_type{});
+    } else {
+      intra(std::false_type{});
+    }
+    bool bad = false;
+    {
+      rowsum0 = quad_sum(rowsum0), rowsum1 = quad_sum(rowsum1);
+      qn0 = quad_sum(qn0), qn1 = quad_sum(qn1);
+      const int ra = wr + g, rb = ra + 8;
+      const RowNorm nr0 = row_normaliser(rowsum0 + g0 * qn0, gs.row_m[ra], gs.row_d[ra], p.eps, p.n_signed);
+      const RowNorm nr1 = row_normaliser(rowsum1 + g1 * qn1, gs.row_m[rb], gs.row_d[rb], p.eps, p.n_signed);
+      if (tq == 0) gs.row_inv[ra] = nr0.inv, gs.row_inv[rb] = nr1.inv;  // both column halves: same values
+      const int64_t pos0 = bh * p.S + tile.s0 + ra;
+      store_outputs<T, 4>(p, &acc_h[0][0], nr0, nr1, gs.row_m[ra], gs.row_m[rb], pos0, true, true, dv0 + hc,
+                          dvt == 0 && hc == 0);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        bad |= !(isfinite(acc_h[i][0]) && isfinite(acc_h[i][1]) && isfinite(acc_h[i][2]) && isfinite(acc_h[i][3]));
+    }
+
+    // 3. The state update; chunk k + 1's Q loads meanwhile (everyone is done with sQ). A tile with
+    // non-finite outputs is first recomputed exactly, as the H step does, with C_k = hi + lo.
+    const bool any_bad = __syncthreads_or(bad);
+    if (k + 1 < p.NC) issue_q(k + 1);
+    cp_async_commit();
+    if (any_bad) {
+      recompute_tile_exactly<T>(p, tile, gs, wide, Tr::kBDV, [&](int d, int col) {
+        const __nv_bfloat16* row = sC + d * Tr::kSC + (col - dv0);
+        return __bfloat162float(row[0]) + __bfloat162float(row[Tr::kBDV]);
+      });
+    }
+    const float gk = sa[kL], amax = sa[kL + 1];
+    const float m_next = nan_max(gk + m, amax);
+    const float decay = expf(gk + m - m_next);
+    m = m_next;
+#pragma unroll
+    for (int j = 0; j < kSP; ++j) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][nt][e] *= decay;
+      }
+      n_part[j][0] *= decay;
+      n_part[j][1] *= decay;
+    }
+    // w[s] = exp(a[s] - m_{k+1}): lane l holds w[l] and w[l + 32]; fragments fetch theirs by shuffle.
+    const float wl0 = expf(sa[lane] - m), wl1 = expf(sa[lane + 32] - m);
+    auto weight = [&](int s) { return __shfl_sync(0xffffffffu, s >= 32 ? wl1 : wl0, s & 31); };
+#pragma unroll
+    for (int ks = 0; ks < kL / 16; ++ks) {
+      const int s0 = ks * 16 + 2 * tq;
+      const float w0 = weight(s0), w1 = weight(s0 + 1), w8 = weight(s0 + 8), w9 = weight(s0 + 9);
+      uint32_t hi[kSP][4], lo[kSP][4];
+#pragma unroll
+      for (int j = 0; j < kSP; ++j) {
+        // K^T fragment by ldmatrix .trans of the row-major K tile (states_kernel.cuh).
+        uint32_t kr[4];
+        ldmatrix_x4_trans(kr, sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + (warp + 8 * j) * 16 +
+                                  ((lane >> 3) & 1) * 8);
+        const float2 k0 = unpack2<T>(kr[0]), k1 = unpack2<T>(kr[1]);
+        const float2 k2 = unpack2<T>(kr[2]), k3 = unpack2<T>(kr[3]);
+        const float x[8] = {k0.x * w0, k0.y * w1, k1.x * w0, k1.y * w1, k2.x * w8, k2.y * w9, k3.x * w8, k3.y * w9};
+        n_part[j][0] += (x[0] + x[1]) + (x[4] + x[5]);
+        n_part[j][1] += (x[2] + x[3]) + (x[6] + x[7]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) split2<T>(x[2 * q], x[2 * q + 1], hi[j][q], lo[j][q]);
+      }
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (np * 16 < dv_valid) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + np * 16 + (lane >> 4) * 8);
+#pragma unroll
+          for (int j = 0; j < kSP; ++j) {
+            mma_16816<T>(acc[j][2 * np], lo[j], bv[0], bv[1]);  // the small half first
+            mma_16816<T>(acc[j][2 * np], hi[j], bv[0], bv[1]);
+            mma_16816<T>(acc[j][2 * np + 1], lo[j], bv[2], bv[3]);
+            mma_16816<T>(acc[j][2 * np + 1], hi[j], bv[2], bv[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // ---- The last state: C (every block its tile), n (DHHV tile 0), m (tile 0, one thread). ----
+#pragma unroll
+  for (int j = 0; j < kSP; ++j) {
+    const int r0 = (warp + 8 * j) * 16 + g;
+    float* Cb = fp.C_last + bh * p.DHQK * p.DHHV;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? r0 : r0 + 8, col = dv0 + nt * 8 + 2 * tq + (e & 1);
+        if (row < p.DHQK && col < p.DHHV) Cb[static_cast<int64_t>(row) * p.DHHV + col] = acc[j][nt][e];
+      }
+    }
+    const float s0 = quad_sum(n_part[j][0]), s1 = quad_sum(n_part[j][1]);
+    if (dvt == 0 && tq == 0) {
+      if (r0 < p.DHQK) fp.n_last[bh * p.DHQK + r0] = s0;
+      if (r0 + 8 < p.DHQK) fp.n_last[bh * p.DHQK + r0 + 8] = s1;
+    }
+  }
+  if (dvt == 0 && tid == 0) fp.m_last[bh] = m;
+}
+
+}  // namespace mlstm::cuda

@@ -1,0 +1,173 @@
+"""The fused forward kernel (csrc/cuda/fused_fw_kernel.cuh): chunkwise_fw in one kernel that keeps
+every chunk's C on chip (the default at chunk 64, DHQK <= 128 on Hopper; MLSTM_EXT_FUSED_FW=1,
+set by these tests, runs it wherever it applies). Checked against the float64 chain
+(reference recurrent step, then reference H step) and against the two-kernel forward on fresh
+random inputs, with NaN-poisoned output memory; that the fused kernel actually ran (profiler);
+gradients through mlstm_chunkwise with its saved vecN / vecM. CUDA only (skips elsewhere).
+"""
+import pytest
+import torch
+
+import mlstm_ext
+from conftest import BF16, F16, assert_close, poison_allocator, relayout, requires_cuda
+from test_chunkwise import check_against_chain, make_qkvif
+
+pytestmark = [requires_cuda, pytest.mark.cuda]
+
+SHAPES = {  # (B, NH, S, DHQK, DHHV, L): DHQK cap 128 and 256, partial DHQK and DHHV tiles
+    "2x3x256-128x128": (2, 3, 256, 128, 128, 64),
+    "1x2x192-72x100": (1, 2, 192, 72, 100, 64),
+    "1x2x128-256x512": (1, 2, 128, 256, 512, 64),
+    "2x1x320-200x64": (2, 1, 320, 200, 64, 64),
+}
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("MLSTM_EXT_FUSED_FW", "1")
+
+
+def kernels_run(fn):
+    """Names of the CUDA kernels that fn() launched."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+def two_kernel(monkeypatch, fn):
+    monkeypatch.setenv("MLSTM_EXT_FUSED_FW", "0")
+    try:
+        return fn()
+    finally:
+        monkeypatch.setenv("MLSTM_EXT_FUSED_FW", "1")
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("init", [False, True], ids=["zero-init", "init"])
+def test_fused_matches_float64_chain(fused, seed, shape, dtype, init):
+    B, NH, S, DHQK, DHHV, L = shape
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, dtype, init, seed=seed, device="cuda")
+    poison_allocator("cuda", 4 * B * NH * S * (DHHV + DHQK * 4))
+    out = mlstm_ext.mlstm_chunkwise(*qkvif, *st, return_last_states=True, chunk_size=L)
+    cpu = lambda xs: tuple(None if t is None else t.cpu() for t in xs)  # noqa: E731
+    H, states = out
+    check_against_chain((H.cpu(), cpu(states)), cpu(qkvif), cpu(st), L, True)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values())[:2], ids=list(SHAPES.keys())[:2])
+@pytest.mark.parametrize("signed", [False, True], ids=["den", "nsum"])
+def test_fused_agrees_with_two_kernels(fused, monkeypatch, seed, shape, signed):
+    """Every output of chunkwise_fw, against the two-kernel forward on the same inputs: the same
+    products except that Q C_k reads C_k from the accumulators (split hi | lo) instead of from
+    memory, so H agrees to a few bf16 roundings and the rest to float32 rounding."""
+    B, NH, S, DHQK, DHHV, L = shape
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    run = lambda: torch.ops.mlstm.chunkwise_fw(*qkvif, *st, chunk_size=L, vecN_signed=signed)  # noqa: E731
+    names = kernels_run(run)
+    assert any("fused_fw_kernel" in n for n in names), f"the fused kernel did not run: {sorted(names)}"
+    poison_allocator("cuda", 4 * B * NH * S * (DHHV + DHQK * 4))
+    got = run()
+    ref = two_kernel(monkeypatch, run)
+    assert not any("fused_fw_kernel" in n for n in kernels_run(lambda: two_kernel(monkeypatch, run)))
+    for name, a, b, tol in zip(["H", "C_last", "n_last", "m_last", "vecN", "vecM"], got, ref,
+                               [1e-2, 1e-5, 1e-5, 1e-6, 1e-5, 1e-6]):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert_close(a.float(), b.float(), tol, name)
+
+
+@pytest.mark.parametrize("how", ["transpose", "pad"])
+def test_fused_strided_inputs(fused, seed, how):
+    B, NH, S, DHQK, DHHV, L = 2, 2, 192, 64, 96, 64
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    strided = tuple(relayout(t, how) for t in qkvif[:3]) + tuple(qkvif[3:])
+    got = mlstm_ext.mlstm_chunkwise(*strided, *st, return_last_states=True, chunk_size=L)
+    ref = mlstm_ext.mlstm_chunkwise(*qkvif, *st, return_last_states=True, chunk_size=L)
+    assert torch.equal(got[0], ref[0])
+    for a, b in zip(got[1], ref[1]):
+        assert torch.equal(a, b)
+
+
+def test_fused_gradients_match_two_kernels(fused, monkeypatch, seed):
+    """Training through mlstm_chunkwise: the backward reads the fused forward's H, vecN, vecM."""
+    B, NH, S, DHQK, DHHV, L = 1, 2, 192, 64, 64, 64
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, False, seed=seed, device="cuda")
+    dH = torch.randn(B, NH, S, DHHV, device="cuda", dtype=BF16)
+
+    def grads():
+        x = [t.detach().clone().requires_grad_() for t in qkvif]
+        mlstm_ext.mlstm_chunkwise(*x, chunk_size=L).backward(dH)
+        return [t.grad for t in x]
+
+    got, ref = grads(), two_kernel(monkeypatch, grads)
+    for name, a, b in zip("qkvif", got, ref):
+        assert_close(a.float(), b.float(), 2e-2, "d" + name)
+
+
+def test_fused_default_plan(monkeypatch, seed):
+    """Without MLSTM_EXT_FUSED_FW: the fused kernel at DHQK <= 128 on compute capability 9.x (where
+    it measured faster), the two kernels at DHQK 256; MLSTM_EXT_FUSED_FW=0 turns it off."""
+    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    for DHQK, want in [(128, hopper), (256, False)]:
+        qkvif, st = make_qkvif(1, 2, 128, DHQK, 64, BF16, True, seed=seed, device="cuda")
+        run = lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=64)  # noqa: E731
+        assert any("fused_fw_kernel" in n for n in kernels_run(run)) == want, DHQK
+    monkeypatch.setenv("MLSTM_EXT_FUSED_FW", "0")
+    qkvif, st = make_qkvif(1, 2, 128, 128, 64, BF16, True, seed=seed, device="cuda")
+    names = kernels_run(lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=64))
+    assert not any("fused_fw_kernel" in n for n in names)
+
+
+def test_fused_not_used_where_it_does_not_apply(fused, seed):
+    """chunk_size 128, DHQK 320 and float32 inputs run the two kernels (and stay correct)."""
+    for shape, dtype in [((1, 2, 256, 64, 64, 128), BF16), ((1, 1, 128, 320, 64, 64), BF16),
+                         ((1, 2, 128, 64, 64, 64), torch.float32)]:
+        B, NH, S, DHQK, DHHV, L = shape
+        qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, dtype, True, seed=seed, device="cuda")
+        names = kernels_run(lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=L))
+        assert not any("fused_fw_kernel" in n for n in names), shape
+
+
+def _mutate(case, qkvif, L):
+    q, k, v, i, f = [t.clone() for t in qkvif]
+    r = L + 37  # a row of chunk 1
+    if case == "nan_v":
+        v[:, 0, r] = float("nan")
+    elif case == "inf_k":
+        k[:, 0, r, 3] = -float("inf")
+    elif case == "nan_q":
+        q[:, 1, r] = float("nan")
+    elif case == "nan_f":
+        f[:, 0, r] = float("nan")
+    elif case == "inf_i":
+        i[:, 0, r] = float("inf")
+    elif case == "huge_forget":
+        f[:, 0, L + 5: L + 9] = -1e30
+    elif case == "wide_gates":
+        i = 8.0 * i
+        f = f - 6.0
+    elif case == "large_m":
+        i[:, :, :L] += 95.0
+    return q, k, v, i, f
+
+
+@pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
+                                  "wide_gates", "large_m"])
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps):
+    """Non-finite inputs, huge forget gates, wide gates, a large stabiliser with eps = 0: the fused
+    forward gives the two-kernel forward's NaN and Inf at the same places (the exact recomputation
+    of non-finite tiles) and its finite values within bf16 rounding."""
+    from test_hostile import assert_like
+    B, NH, S, DHQK, DHHV, L = 1, 2, 192, 64, 96, 64
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    x = _mutate(case, qkvif, L)
+    run = lambda: torch.ops.mlstm.chunkwise_fw(*x, *st, chunk_size=L, eps=eps)  # noqa: E731
+    poison_allocator("cuda", 4 * B * NH * S * (DHHV + DHQK * 4))
+    got = run()
+    ref = two_kernel(monkeypatch, run)
+    for name, a, b, tol in zip(["H", "C_last", "n_last", "m_last", "vecN", "vecM"], got, ref,
+                               [1e-2, 1e-5, 1e-5, 1e-6, 1e-5, 1e-6]):
+        assert_like(a, b, tol, name)
