@@ -42,6 +42,8 @@ CASES = {
     "forward_odd_fp16": ("forward", (1, 2, 96, 50, 70, 16), torch.float16),
     # chunk 64, DHQK over 128 and a partial DHHV tile: the fused forward under MLSTM_EXT_FUSED_FW=1
     "forward_l64_bf16": ("forward", (1, 2, 192, 200, 100, 64), torch.bfloat16),
+    # chunk 64, DHQK 128, fp16: the fused forward's other instance (its default on Hopper)
+    "forward_l64_d128_fp16": ("forward", (1, 2, 192, 128, 96, 64), torch.float16),
 }
 # recurrent_fw_states (two kernels: gates, states): name: ((B, NH, S, DHQK, DHHV, L), dtype,
 # tolerance on the relative-norm error of matC_all/vecN_all/scaM_all vs float64)
