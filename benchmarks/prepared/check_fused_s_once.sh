@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One device call (~8 minutes) for fused_fw_s_once.patch (benchmarks/NOTES.md, eleventh session):
-# the fused forward computing S = Q K^T once per row strip, and 16 warps at DHQK 256. Builds main
-# (.ab_main, copied from the working tree here) beside main + the patch (applied in place), then:
-# the fused forward's tests and sanitizers on the patched tree, the forward A/B main -> tree with
-# the default plan (the DHQK 128 instance at chunk 64) and with MLSTM_EXT_FUSED_FW=1 (the DHQK 256
-# instance too), and the fused kernel against the two kernels in one process.
+# One device call (~8 minutes) for fused_fw_s_once.patch and fused_fw_l128.patch (applied in that
+# order; benchmarks/NOTES.md, eleventh session): the fused forward computing S = Q K^T once per row
+# strip, 16 warps at DHQK 256, and chunk 128 (DHQK <= 128, 16 warps). Builds main (.ab_main,
+# copied from the working tree here) beside main + the patches (applied in place), then: the
+# fused forward's tests and sanitizers on the patched tree (every instance), the forward A/B
+# main -> tree with the default plan (the DHQK 128 instance at chunk 64) and with
+# MLSTM_EXT_FUSED_FW=1 (the DHQK 256 instance too), and the fused kernel against the two kernels
+# in one process (chunk 128 included). L128=0 applies the first patch only.
 #   device: bash benchmarks/prepared/check_fused_s_once.sh > $OUT/check.log 2>&1   (carry [".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,6 +15,7 @@ left() { [ $((SECONDS - t0)) -lt "$1" ]; }
 rm -rf .ab_main && mkdir -p .ab_main
 tar --exclude=./.git --exclude='./.ab_*' --exclude=./build --exclude=./.whl --exclude='*.so' -cf - . | tar -xf - -C .ab_main
 git apply benchmarks/prepared/fused_fw_s_once.patch || { echo "the patch does not apply"; exit 1; }
+[ "${L128:-1}" = 1 ] && { git apply benchmarks/prepared/fused_fw_l128.patch || { echo "the l128 patch does not apply"; exit 1; }; }
 ( cd .ab_main && MAX_JOBS=6 MLSTM_EXT_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/b_main.log" 2>&1; echo "main build rc=$? $((SECONDS - t0)) s" ) &
 MAX_JOBS=10 STAGES=build bash benchmarks/gpu_check.sh > "$OUT/gc.log" 2>&1; echo "tree build rc=$? $((SECONDS - t0)) s"
 grep -A2 "fused_fw" "$OUT/ptxas_resource_usage.txt" 2>/dev/null | grep -E "regs|spill" | head -8
@@ -21,9 +24,9 @@ echo "== fused tests (tree) $((SECONDS - t0)) s"
 timeout 120 python3 -m pytest -q tests/test_fused_forward.py 2>&1 | tail -3
 echo "== sanitizers (tree, fused forward at both instances) $((SECONDS - t0)) s"
 MLSTM_EXT_FUSED_FW=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
-    python3 benchmarks/sanitize_case.py --cases forward_l64_bf16,forward_l64_d128_fp16 2>&1 | tail -3
+    python3 benchmarks/sanitize_case.py --cases forward_l64_bf16,forward_l64_d128_fp16,forward_bf16 2>&1 | tail -3
 MLSTM_EXT_FUSED_FW=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    python3 benchmarks/sanitize_case.py --cases forward_l64_bf16,forward_l64_d128_fp16 2>&1 | tail -3
+    python3 benchmarks/sanitize_case.py --cases forward_l64_bf16,forward_l64_d128_fp16,forward_bf16 2>&1 | tail -3
 wait
 M=.ab_main/mlstm_ext/_C.abi3.so; N=mlstm_ext/_C.abi3.so
 echo "== fused against the two kernels, one process (tree) $((SECONDS - t0)) s"
