@@ -339,8 +339,9 @@ def test_cuda_bw_post_pipelines_agree(seed, shape, monkeypatch):
     each state product issuing the next one's tiles) gives the same gradients as with every copy
     waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only): the products are
     the same, in the same order; only when their tiles arrive differs. Not the same bits: bw_post's
-    column and row sums are float atomics, whose order (and so dI's, dF's last bits) varies from
-    run to run at any level; a tile read from the wrong buffer would be off by O(1)."""
+    column sums are float atomics from every warp that covers a key, whose order (and so dI's, dF's
+    last bits) varies from run to run at any level; a tile read from the wrong buffer would be off
+    by O(1)."""
     args, _ = cuda_case(shape, BF16, "exact", seed)
     junk = torch.full((256 << 20,), float("nan"), device="cuda")
     del junk

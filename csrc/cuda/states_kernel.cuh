@@ -24,8 +24,6 @@
 
 namespace mlstm::cuda {
 
-// max that propagates NaN like torch.maximum / amax (fmaxf would drop it).
-
 // (x0, x1) ~ hi + lo, both pairs in T: hi rounds x, lo rounds the exact float remainder x - hi.
 template <typename T>
 __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
@@ -95,12 +93,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
   // Called by every thread of the block at once (the barrier below).
   float* stage_c = reinterpret_cast<float*>(smem + Tr::kStagingOff) + wr * Tr::kSC;
   const bool out_vec = (p.DHHV % 4) == 0;
-  auto quad_sum = [&](float& s0, float& s1) {
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-  };
   // This warp's C accumulators into the strip's staging rows: in place of what they hold, or
   // (add: kSplit = 2, part 0) added to the other part's partial sums, in a fixed order.
   auto stage_acc = [&](bool add) {
@@ -121,8 +113,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
     if constexpr (Tr::kSplit == 2) {
       if (part == 1 && warp_active) {
         stage_acc(false);
-        float s0 = n_part[0], s1 = n_part[1];
-        quad_sum(s0, s1);
+        const float s0 = quad_sum(n_part[0]), s1 = quad_sum(n_part[1]);
         if (tq == 0) stage_c[g * Tr::kSC + Tr::kBHV] = s0, stage_c[(g + 8) * Tr::kSC + Tr::kBHV] = s1;
       }
       __syncthreads();
@@ -166,8 +157,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
       __syncwarp();  // staging rows are rewritten by the next slot
     }
     if (hvt == 0 && warp_active) {
-      float s0 = n_part[0], s1 = n_part[1];
-      quad_sum(s0, s1);
+      float s0 = quad_sum(n_part[0]), s1 = quad_sum(n_part[1]);
       if constexpr (Tr::kSplit == 2) s0 += stage_c[g * Tr::kSC + Tr::kBHV], s1 += stage_c[(g + 8) * Tr::kSC + Tr::kBHV];
       if (tq == 0) {
         float* n_out = p.n + (bh * slots + slot) * p.DHQK;
