@@ -1,6 +1,6 @@
 """The fused forward kernel (csrc/cuda/fused_fw_kernel.cuh): chunkwise_fw in one kernel that keeps
 every chunk's C on chip (the default at chunk 64, DHQK <= 128 on Hopper; MLSTM_EXT_FUSED_FW=1,
-set by these tests, runs it wherever it applies). Checked against the float64 chain
+set by these tests, runs it wherever it applies: chunk 64 up to DHQK 256, chunk 128 up to 128). Checked against the float64 chain
 (reference recurrent step, then reference H step) and against the two-kernel forward on fresh
 random inputs, with NaN-poisoned output memory; that the fused kernel actually ran (profiler);
 gradients through mlstm_chunkwise with its saved vecN / vecM. CUDA only (skips elsewhere).
@@ -14,11 +14,14 @@ from test_chunkwise import check_against_chain, make_qkvif
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
-SHAPES = {  # (B, NH, S, DHQK, DHHV, L): DHQK cap 128 and 256, partial DHQK and DHHV tiles
+SHAPES = {  # (B, NH, S, DHQK, DHHV, L): each instance (DHQK cap 128 or 256 at chunk 64, 128 at
+    # chunk 128), partial DHQK and DHHV tiles
     "2x3x256-128x128": (2, 3, 256, 128, 128, 64),
     "1x2x192-72x100": (1, 2, 192, 72, 100, 64),
     "1x2x128-256x512": (1, 2, 128, 256, 512, 64),
     "2x1x320-200x64": (2, 1, 320, 200, 64, 64),
+    "2x2x384-128x128-L128": (2, 2, 384, 128, 128, 128),
+    "1x2x256-72x100-L128": (1, 2, 256, 72, 100, 128),
 }
 
 
@@ -62,7 +65,10 @@ def test_fused_matches_float64_chain(fused, seed, shape, dtype, init):
     check_against_chain((H.cpu(), cpu(states)), cpu(qkvif), cpu(st), L, True)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES.values())[:2], ids=list(SHAPES.keys())[:2])
+AGREE = ["2x3x256-128x128", "1x2x192-72x100", "1x2x128-256x512", "2x2x384-128x128-L128"]
+
+
+@pytest.mark.parametrize("shape", [SHAPES[k] for k in AGREE], ids=AGREE)
 @pytest.mark.parametrize("signed", [False, True], ids=["den", "nsum"])
 def test_fused_agrees_with_two_kernels(fused, monkeypatch, seed, shape, signed):
     """Every output of chunkwise_fw, against the two-kernel forward on the same inputs: the same
@@ -115,10 +121,10 @@ def test_fused_default_plan(monkeypatch, seed):
     it measured faster), the two kernels at DHQK 256; MLSTM_EXT_FUSED_FW=0 turns it off."""
     monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    for DHQK, want in [(128, hopper), (256, False)]:
-        qkvif, st = make_qkvif(1, 2, 128, DHQK, 64, BF16, True, seed=seed, device="cuda")
-        run = lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=64)  # noqa: E731
-        assert any("fused_fw_kernel" in n for n in kernels_run(run)) == want, DHQK
+    for DHQK, L, want in [(128, 64, hopper), (256, 64, False), (128, 128, False)]:
+        qkvif, st = make_qkvif(1, 2, 256, DHQK, 64, BF16, True, seed=seed, device="cuda")
+        run = lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=L)  # noqa: E731
+        assert any("fused_fw_kernel" in n for n in kernels_run(run)) == want, (DHQK, L)
     monkeypatch.setenv("MLSTM_EXT_FUSED_FW", "0")
     qkvif, st = make_qkvif(1, 2, 128, 128, 64, BF16, True, seed=seed, device="cuda")
     names = kernels_run(lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=64))
@@ -126,8 +132,9 @@ def test_fused_default_plan(monkeypatch, seed):
 
 
 def test_fused_not_used_where_it_does_not_apply(fused, seed):
-    """chunk_size 128, DHQK 320 and float32 inputs run the two kernels (and stay correct)."""
-    for shape, dtype in [((1, 2, 256, 64, 64, 128), BF16), ((1, 1, 128, 320, 64, 64), BF16),
+    """Chunk 128 with DHQK over 128, chunk 32, DHQK 320 and float32 inputs run the two kernels."""
+    for shape, dtype in [((1, 2, 256, 200, 64, 128), BF16), ((1, 2, 128, 64, 64, 32), BF16),
+                         ((1, 1, 128, 320, 64, 64), BF16),
                          ((1, 2, 128, 64, 64, 64), torch.float32)]:
         B, NH, S, DHQK, DHHV, L = shape
         qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, dtype, True, seed=seed, device="cuda")
@@ -161,12 +168,13 @@ def _mutate(case, qkvif, L):
 @pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
                                   "wide_gates", "large_m"])
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
-def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps):
+@pytest.mark.parametrize("L", [64, 128])
+def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps, L):
     """Non-finite inputs, huge forget gates, wide gates, a large stabiliser with eps = 0: the fused
     forward gives the two-kernel forward's NaN and Inf at the same places (the exact recomputation
     of non-finite tiles) and its finite values within bf16 rounding."""
     from test_hostile import assert_like
-    B, NH, S, DHQK, DHHV, L = 1, 2, 192, 64, 96, 64
+    B, NH, S, DHQK, DHHV = 1, 2, 3 * L, 64, 96
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
     x = _mutate(case, qkvif, L)
     run = lambda: torch.ops.mlstm.chunkwise_fw(*x, *st, chunk_size=L, eps=eps)  # noqa: E731

@@ -16,10 +16,12 @@
 namespace mlstm {
 namespace {
 
-// MLSTM_EXT_FUSED_FW (read at every call): "0" never, "1" wherever the kernel applies (DHQK up to
-// 256, any sm_80+ device), else (default) where it measured faster than the two kernels: DHQK up
-// to 128 on compute capability 9.x (H100: 0.843 -> 0.742 ms at (8, 16, 4096, 128, 128, 64); at
-// DHQK 256 it was 1.16x slower: one block of 8 warps per SM; benchmarks/NOTES.md).
+// MLSTM_EXT_FUSED_FW (read at every call): "0" never, "1" wherever the kernel applies (chunk 64
+// with DHQK up to 256, chunk 128 with DHQK up to 128; any sm_80+ device with the shared memory),
+// else (default) where it measured faster than the two kernels: chunk 64, DHQK up to 128, compute
+// capability 9.x (H100, twelfth session, against the two kernels in one process: 0.854 -> 0.668
+// ms at (8, 16, 4096, 128, 128, 64); 1.10x slower at DHQK 256 with 16 warps and 1.16x slower at
+// chunk 128; benchmarks/NOTES.md).
 enum class FusedMode { kOff, kOn, kDefault };
 FusedMode fused_mode() {
   const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
@@ -34,18 +36,19 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   const StatesArgs& a = f.states;
   const at::ScalarType dt = f.matQ.scalar_type();
   const FusedMode mode = fused_mode();
-  if (mode == FusedMode::kOff || (dt != at::kBFloat16 && dt != at::kHalf) || a.L != 64 || a.DHQK < 1 ||
-      a.DHQK > 256 || a.DHHV < 1 || a.NC < 1 || a.NC >= INT_MAX || a.DHHV >= (1 << 20)) {
+  const bool shape_ok = (a.L == 64 && a.DHQK <= 256) || (a.L == 128 && a.DHQK <= 128);
+  if (mode == FusedMode::kOff || (dt != at::kBFloat16 && dt != at::kHalf) || !shape_ok || a.DHQK < 1 ||
+      a.DHHV < 1 || a.NC < 1 || a.NC >= INT_MAX || a.DHHV >= (1 << 20)) {
     return false;
   }
+  const int L = static_cast<int>(a.L);
   const int dqk_cap = a.DHQK <= 128 ? 128 : 256;
-  const int smem = dqk_cap == 128 ? cuda::FusedFwTraits<__nv_bfloat16, 128>::kSmemBytes
-                                  : cuda::FusedFwTraits<__nv_bfloat16, 256>::kSmemBytes;
+  const int smem = cuda::fused_fw_smem_bytes(dqk_cap, L);
   const cuda::DeviceFacts& dev = cuda::device_facts(f.matQ.get_device());
   const int n_dvt = static_cast<int>((a.DHHV + 63) / 64);
   const int64_t blocks = a.B * a.NH * n_dvt;
   if (dev.cc_major < 8 || dev.smem_per_block_optin < smem || blocks >= INT_MAX) return false;
-  if (mode == FusedMode::kDefault && (dqk_cap != 128 || dev.cc_major != 9)) return false;
+  if (mode == FusedMode::kDefault && (L != 64 || dqk_cap != 128 || dev.cc_major != 9)) return false;
 
   const c10::cuda::CUDAGuard guard(f.matQ.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -73,9 +76,9 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   h.f_sb = a.vecF.stride(0), h.f_sh = a.vecF.stride(1), h.f_ss = a.vecF.stride(2);
   h.H = matH.data_ptr(), h.vecN = vecN.data_ptr<float>(), h.vecM = vecM.data_ptr<float>();
   h.NH = a.NH, h.S = a.S;
-  h.DHQK = static_cast<int>(a.DHQK), h.DHHV = static_cast<int>(a.DHHV), h.L = static_cast<int>(a.L);
+  h.DHQK = static_cast<int>(a.DHQK), h.DHHV = static_cast<int>(a.DHHV), h.L = L;
   h.NC = static_cast<int>(a.NC);
-  h.rows_per_block = 64, h.n_qt = 1, h.n_dvt = n_dvt;
+  h.rows_per_block = L, h.n_qt = 1, h.n_dvt = n_dvt;
   h.qk_scale = static_cast<float>(f.qk_scale), h.eps = static_cast<float>(f.eps);
   h.n_signed = f.vecN_signed;
   h.q_vec = cuda::rows_aligned16(q, 2), h.k_vec = cuda::rows_aligned16(k, 2), h.v_vec = cuda::rows_aligned16(v, 2);
@@ -86,9 +89,9 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   p.n_dvt = n_dvt;
 
   if (dt == at::kBFloat16) {
-    cuda::launch_fused_fw_bf16(p, dqk_cap, blocks, stream);
+    cuda::launch_fused_fw_bf16(p, dqk_cap, L, blocks, stream);
   } else {
-    cuda::launch_fused_fw_fp16(p, dqk_cap, blocks, stream);
+    cuda::launch_fused_fw_fp16(p, dqk_cap, L, blocks, stream);
   }
   out = {matH, C_last, n_last, m_last, vecN, vecM};
   return true;

@@ -1,10 +1,11 @@
 // The fused forward kernel (fused_fw_params.h): one block per (b*h, 64 DHHV columns) walks the
-// chunks in order. Per chunk k, with chunk k + 1's K and V in flight:
+// chunks (of 64 or 128 positions) in order. Per chunk k, with chunk k + 1's K and V in flight:
 //   1. C_k (mma accumulators) goes to shared memory as bf16 hi | lo, n_k as float; the H step's
 //      gates (loaded with K and V) are staged with m_k from a register (stage_gates,
 //      hintra_common.cuh).
 //   2. The chunk's H rows: the sm_80 H step's stages (g Q C_k + W V, q . n_k, the normaliser),
-//      each warp 16 rows x 32 columns; H, vecN, vecM written.
+//      each warp 16 rows x 32 columns (16 at DHQK 256), S = Q K^T once per row strip (its warps
+//      share W through shared memory); H, vecN, vecM written.
 //   3. The state update in the accumulators, the states kernel's arithmetic (states_kernel.cuh):
 //      m_{k+1} = max(g_k + m_k, max_s a[s]), C <- e^{g_k + m_k - m_{k+1}} C + K^T diag(w) V, with
 //      k w split into hi + lo halves; chunk k + 1's Q loads meanwhile.
@@ -21,10 +22,28 @@
 
 namespace mlstm::cuda {
 
+// The kThreads threads of H-row strip hs (warps hs, hs + kHStrips, ...) meet: named barrier 1 + hs
+// (immediate ids, so that ptxas reserves only the barriers a kernel uses, not all sixteen).
+template <int kThreads>
+__device__ __forceinline__ void strip_sync(int hs) {
+  switch (hs) {
+    case 0: asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory"); break;
+    case 1: asm volatile("bar.sync 2, %0;\n" ::"n"(kThreads) : "memory"); break;
+    case 2: asm volatile("bar.sync 3, %0;\n" ::"n"(kThreads) : "memory"); break;
+    case 3: asm volatile("bar.sync 4, %0;\n" ::"n"(kThreads) : "memory"); break;
+    case 4: asm volatile("bar.sync 5, %0;\n" ::"n"(kThreads) : "memory"); break;
+    case 5: asm volatile("bar.sync 6, %0;\n" ::"n"(kThreads) : "memory"); break;
+    case 6: asm volatile("bar.sync 7, %0;\n" ::"n"(kThreads) : "memory"); break;
+    default: asm volatile("bar.sync 8, %0;\n" ::"n"(kThreads) : "memory"); break;
+  }
+}
+
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(const FusedFwParams fp) {
   using T = typename Tr::T;
-  constexpr int kL = Tr::kL, kSP = Tr::kStripsPerWarp;
+  constexpr int kL = Tr::kL;
+  constexpr int kCG = Tr::kColGroups, kNTH = Tr::kHCols / 8;  // column groups, n-tiles of H per warp
+  constexpr int kNTS = Tr::kSCols / 8;                        // n-tiles of C per warp
   const HintraParams& p = fp.h;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -39,28 +58,27 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
   const int dv0 = dvt * Tr::kBDV;
   const int dv_valid = p.DHHV - dv0;  // > 0; may pass the tile
 
-  // ---- The state: strips warp + 8 j (rows 16 strip + g, + 8), all 64 columns (m16n8 layout). ----
-  float acc[kSP][8][4];
-  float n_part[kSP][2];  // per-lane partial sums of n (the quad's sum is the state)
+  // ---- The state: strip ss (rows 16 ss + g, + 8), kSCols columns from sc0 (m16n8 layout). ----
+  const int ss = warp % Tr::kSStrips, sc0 = (warp / Tr::kSStrips) * Tr::kSCols;
+  const int r0 = ss * 16 + g;  // this lane's rows r0, r0 + 8 of C
+  float acc[kNTS][4];
 #pragma unroll
-  for (int j = 0; j < kSP; ++j) {
-    const int r0 = (warp + 8 * j) * 16 + g;
+  for (int nt = 0; nt < kNTS; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = e < 2 ? r0 : r0 + 8, col = dv0 + nt * 8 + 2 * tq + (e & 1);
-        acc[j][nt][e] = (fp.C0 != nullptr && row < p.DHQK && col < p.DHHV)
-                            ? fp.C0[b * fp.C0_sb + h * fp.C0_sh + row * fp.C0_sr + col * fp.C0_sc]
-                            : 0.f;
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int row = e < 2 ? r0 : r0 + 8, col = dv0 + sc0 + nt * 8 + 2 * tq + (e & 1);
+      acc[nt][e] = (fp.C0 != nullptr && row < p.DHQK && col < p.DHHV)
+                       ? fp.C0[b * fp.C0_sb + h * fp.C0_sh + row * fp.C0_sr + col * fp.C0_sc]
+                       : 0.f;
     }
-    n_part[j][0] = n_part[j][1] = 0.f;
-    if (fp.n0 != nullptr && tq == 0) {
-      const float* n0 = fp.n0 + b * fp.n0_sb + h * fp.n0_sh;
-      if (r0 < p.DHQK) n_part[j][0] = n0[r0 * fp.n0_sr];
-      if (r0 + 8 < p.DHQK) n_part[j][1] = n0[(r0 + 8) * fp.n0_sr];
-    }
+  }
+  // n: per-lane partial sums of rows r0, r0 + 8 (the quad's sum is the state; every column group
+  // of a strip computes the same, group 0's is used).
+  float n_part[2] = {0.f, 0.f};
+  if (fp.n0 != nullptr && tq == 0) {
+    const float* n0 = fp.n0 + b * fp.n0_sb + h * fp.n0_sh;
+    if (r0 < p.DHQK) n_part[0] = n0[r0 * fp.n0_sr];
+    if (r0 + 8 < p.DHQK) n_part[1] = n0[(r0 + 8) * fp.n0_sr];
   }
   float m = fp.m0 != nullptr ? fp.m0[b * fp.m0_sb + h * fp.m0_sh] : 0.f;
 
@@ -99,9 +117,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
   issue_kv(0, 0);
   cp_async_commit();
 
-  // The H rows of this warp.
-  const int hs = warp % 4, hc = (warp / 4) * 32;  // row strip, first column in the tile
-  const int wr = hs * 16, warp_last_row = wr + 15;
+  // The H rows of this warp: row strip hs, column group cg (kHCols columns from hc).
+  const int hs = warp % Tr::kHStrips, cg = warp / Tr::kHStrips, hc = cg * Tr::kHCols;
+  const int wr = hs * 16;
+  float* sRS = reinterpret_cast<float*>(smem + Tr::kRSOff);  // [row][cg]: the groups' row sums
   Tile tile{};
   tile.dvt = dvt, tile.qt = 0, tile.bh = bh, tile.b = b, tile.h = h;
   tile.row0 = 0, tile.rows_valid = kL, tile.row_end = kL, tile.dv0 = dv0, tile.dv_valid = dv_valid;
@@ -119,30 +138,28 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
 
     // 1. C_k and n_k for the H rows (made visible by stage_gates' barriers).
 #pragma unroll
-    for (int j = 0; j < kSP; ++j) {
-      const int r0 = (warp + 8 * j) * 16 + g;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int col = nt * 8 + 2 * tq;
-        uint32_t hi, lo;
-        split_bf16(acc[j][nt][0], acc[j][nt][1], hi, lo);
-        *reinterpret_cast<uint32_t*>(sC + r0 * Tr::kSC + col) = hi;
-        *reinterpret_cast<uint32_t*>(sC + r0 * Tr::kSC + Tr::kBDV + col) = lo;
-        split_bf16(acc[j][nt][2], acc[j][nt][3], hi, lo);
-        *reinterpret_cast<uint32_t*>(sC + (r0 + 8) * Tr::kSC + col) = hi;
-        *reinterpret_cast<uint32_t*>(sC + (r0 + 8) * Tr::kSC + Tr::kBDV + col) = lo;
-      }
-      const float s0 = quad_sum(n_part[j][0]), s1 = quad_sum(n_part[j][1]);
-      if (tq == 0) sN[r0] = s0, sN[r0 + 8] = s1;
+    for (int nt = 0; nt < kNTS; ++nt) {
+      const int col = sc0 + nt * 8 + 2 * tq;
+      uint32_t hi, lo;
+      split_bf16(acc[nt][0], acc[nt][1], hi, lo);
+      *reinterpret_cast<uint32_t*>(sC + r0 * Tr::kSC + col) = hi;
+      *reinterpret_cast<uint32_t*>(sC + r0 * Tr::kSC + Tr::kBDV + col) = lo;
+      split_bf16(acc[nt][2], acc[nt][3], hi, lo);
+      *reinterpret_cast<uint32_t*>(sC + (r0 + 8) * Tr::kSC + col) = hi;
+      *reinterpret_cast<uint32_t*>(sC + (r0 + 8) * Tr::kSC + Tr::kBDV + col) = lo;
+    }
+    {
+      const float s0 = quad_sum(n_part[0]), s1 = quad_sum(n_part[1]);
+      if (tq == 0 && sc0 == 0) sN[r0] = s0, sN[r0 + 8] = s1;
     }
     tile.chunk = k;
     tile.s0 = static_cast<int64_t>(k) * kL;
     const bool wide = stage_gates<kL>(p, tile, gs, m, sa + kL + 4, 1, sa + 2 * kL + 4, 1);
 
-    // 2. The H rows: acc_h = g (Q C_k) + W V, 16 rows x 32 columns per warp.
-    float acc_h[4][4];
+    // 2. The H rows: acc_h = g (Q C_k) + W V, 16 rows x kHCols columns per warp.
+    float acc_h[kNTH][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc_h[i][0] = acc_h[i][1] = acc_h[i][2] = acc_h[i][3] = 0.f;
+    for (int i = 0; i < kNTH; ++i) acc_h[i][0] = acc_h[i][1] = acc_h[i][2] = acc_h[i][3] = 0.f;
     float qn0 = 0.f, qn1 = 0.f;
     const float g0 = gs.row_g[wr + g], g1 = gs.row_g[wr + g + 8];
 #pragma unroll
@@ -167,7 +184,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
         }
         const __nv_bfloat16* c = sC + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSC + hc + (lane >> 4) * 8;
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
+        for (int np = 0; np < kNTH / 2; ++np) {
           uint32_t bh4[4], bl4[4];
           ldmatrix_x4_trans(bh4, c + np * 16);
           ldmatrix_x4_trans(bl4, c + Tr::kBDV + np * 16);
@@ -183,42 +200,71 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
       }
     }
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) acc_h[nt][0] *= g0, acc_h[nt][1] *= g0, acc_h[nt][2] *= g1, acc_h[nt][3] *= g1;
+    for (int nt = 0; nt < kNTH; ++nt) acc_h[nt][0] *= g0, acc_h[nt][1] *= g0, acc_h[nt][2] *= g1, acc_h[nt][3] *= g1;
 
-    // S = Q K^T over the causal key tiles, weighed (step 5), then acc_h += W V.
+    // S = Q K^T once per row strip: its kCG warps take the 16-key blocks cg, cg + kCG, ...
+    // (causal: up to block hs), weigh them (step 5), and leave W in the strip's own Q rows (free
+    // once all have read them) and their row sums in sRS; then each warp adds W V for its columns.
     float rowsum0 = 0.f, rowsum1 = 0.f;
     const RowGate rg0 = row_gate(gs, tile, wr + g), rg1 = row_gate(gs, tile, wr + g + 8);
     auto intra = [&](auto wide_tag) {
       constexpr bool kWide = decltype(wide_tag)::value;
-      float sacc[8][4];
+      constexpr int kKB = Tr::kHStrips / kCG;  // key blocks per warp
+      float sacc[kKB][2][4];        // key block cg + kCG j, its two n-tiles of 8 keys
 #pragma unroll
-      for (int i = 0; i < 8; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+      for (int j = 0; j < kKB; ++j) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) sacc[j][i][0] = sacc[j][i][1] = sacc[j][i][2] = sacc[j][i][3] = 0.f;
+      }
 #pragma unroll
       for (int kk = 0; kk < Tr::kDQK; kk += 16) {
-        if (kk < p.DHQK) {
+        if (kk < p.DHQK && cg <= hs) {
           uint32_t a[4];
           ldmatrix_x4(a, sQ + (wr + (lane & 15)) * Tr::kSQ + kk + (lane >> 4) * 8);
 #pragma unroll
-          for (int np = 0; np < 4; ++np) {
-            if (np * 16 <= warp_last_row) {
+          for (int j = 0; j < kKB; ++j) {
+            const int kb = cg + kCG * j;
+            if (kb <= hs) {
               uint32_t bk[4];
-              ldmatrix_x4(bk, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + kk + ((lane >> 3) & 1) * 8);
-              mma_16816<T>(sacc[2 * np], a, bk[0], bk[1]);
-              mma_16816<T>(sacc[2 * np + 1], a, bk[2], bk[3]);
+              ldmatrix_x4(bk, sK + (kb * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + kk + ((lane >> 3) & 1) * 8);
+              mma_16816<T>(sacc[j][0], a, bk[0], bk[1]);
+              mma_16816<T>(sacc[j][1], a, bk[2], bk[3]);
             }
           }
         }
       }
-      weigh_scores<kWide>(&sacc[0][0], 0, kL, rg0, rg1, gs, p.qk_scale, rowsum0, rowsum1);
+      float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
-      for (int kt = 0; kt < 4; ++kt) {
-        if (kt * 16 <= warp_last_row) {
-          const uint32_t a[4] = {pack2<T>(sacc[2 * kt][0], sacc[2 * kt][1]),
-                                 pack2<T>(sacc[2 * kt][2], sacc[2 * kt][3]),
-                                 pack2<T>(sacc[2 * kt + 1][0], sacc[2 * kt + 1][1]),
-                                 pack2<T>(sacc[2 * kt + 1][2], sacc[2 * kt + 1][3])};
+      for (int j = 0; j < kKB; ++j) {
+        const int kb = cg + kCG * j;
+        if (kb <= hs) weigh_scores<kWide, 2>(&sacc[j][0][0], kb * 16, kL, rg0, rg1, gs, p.qk_scale, rs0, rs1);
+      }
+      strip_sync<32 * kCG>(hs);  // both warps of the strip have read its Q rows
 #pragma unroll
-          for (int np = 0; np < 2; ++np) {
+      for (int j = 0; j < kKB; ++j) {
+        const int kb = cg + kCG * j;
+        if (kb <= hs) {
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            T* w0 = sQ + (wr + g) * Tr::kSQ + kb * 16 + nt * 8 + 2 * tq;
+            *reinterpret_cast<uint32_t*>(w0) = pack2<T>(sacc[j][nt][0], sacc[j][nt][1]);
+            *reinterpret_cast<uint32_t*>(w0 + 8 * Tr::kSQ) = pack2<T>(sacc[j][nt][2], sacc[j][nt][3]);
+          }
+        }
+      }
+      rs0 = quad_sum(rs0), rs1 = quad_sum(rs1);
+      if (tq == 0) sRS[(wr + g) * kCG + cg] = rs0, sRS[(wr + g + 8) * kCG + cg] = rs1;
+      strip_sync<32 * kCG>(hs);  // W and the row sums are in place
+      rowsum0 = 0.f, rowsum1 = 0.f;
+#pragma unroll
+      for (int c = 0; c < kCG; ++c) rowsum0 += sRS[(wr + g) * kCG + c], rowsum1 += sRS[(wr + g + 8) * kCG + c];
+#pragma unroll
+      for (int kt = 0; kt < Tr::kHStrips; ++kt) {
+        if (kt <= hs) {
+          uint32_t a[4];
+          ldmatrix_x4(a, sQ + (wr + (lane & 15)) * Tr::kSQ + kt * 16 + (lane >> 4) * 8);
+#pragma unroll
+          for (int np = 0; np < kNTH / 2; ++np) {
             uint32_t bv[4];
             ldmatrix_x4_trans(bv, sV + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + hc + np * 16 +
                                       (lane >> 4) * 8);
@@ -235,17 +281,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
     }
     bool bad = false;
     {
-      rowsum0 = quad_sum(rowsum0), rowsum1 = quad_sum(rowsum1);
       qn0 = quad_sum(qn0), qn1 = quad_sum(qn1);
       const int ra = wr + g, rb = ra + 8;
       const RowNorm nr0 = row_normaliser(rowsum0 + g0 * qn0, gs.row_m[ra], gs.row_d[ra], p.eps, p.n_signed);
       const RowNorm nr1 = row_normaliser(rowsum1 + g1 * qn1, gs.row_m[rb], gs.row_d[rb], p.eps, p.n_signed);
       if (tq == 0) gs.row_inv[ra] = nr0.inv, gs.row_inv[rb] = nr1.inv;  // both column halves: same values
       const int64_t pos0 = bh * p.S + tile.s0 + ra;
-      store_outputs<T, 4>(p, &acc_h[0][0], nr0, nr1, gs.row_m[ra], gs.row_m[rb], pos0, true, true, dv0 + hc,
-                          dvt == 0 && hc == 0);
+      store_outputs<T, kNTH>(p, &acc_h[0][0], nr0, nr1, gs.row_m[ra], gs.row_m[rb], pos0, true, true, dv0 + hc,
+                             dvt == 0 && cg == 0);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kNTH; ++i)
         bad |= !(isfinite(acc_h[i][0]) && isfinite(acc_h[i][1]) && isfinite(acc_h[i][2]) && isfinite(acc_h[i][3]));
     }
 
@@ -265,72 +310,63 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
     const float decay = expf(gk + m - m_next);
     m = m_next;
 #pragma unroll
-    for (int j = 0; j < kSP; ++j) {
+    for (int nt = 0; nt < kNTS; ++nt) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][nt][e] *= decay;
-      }
-      n_part[j][0] *= decay;
-      n_part[j][1] *= decay;
+      for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
     }
-    // w[s] = exp(a[s] - m_{k+1}): lane l holds w[l] and w[l + 32]; fragments fetch theirs by shuffle.
-    const float wl0 = expf(sa[lane] - m), wl1 = expf(sa[lane + 32] - m);
-    auto weight = [&](int s) { return __shfl_sync(0xffffffffu, s >= 32 ? wl1 : wl0, s & 31); };
+    n_part[0] *= decay;
+    n_part[1] *= decay;
+    // w[s] = exp(a[s] - m_{k+1}): lane l holds w[l + 32 q]; fragments fetch theirs by shuffle (the
+    // positions of one k-step never straddle 32, so q is the same in every lane).
+    float wl[kL / 32];
+#pragma unroll
+    for (int q = 0; q < kL / 32; ++q) wl[q] = expf(sa[q * 32 + lane] - m);
 #pragma unroll
     for (int ks = 0; ks < kL / 16; ++ks) {
-      const int s0 = ks * 16 + 2 * tq;
-      const float w0 = weight(s0), w1 = weight(s0 + 1), w8 = weight(s0 + 8), w9 = weight(s0 + 9);
-      uint32_t hi[kSP][4], lo[kSP][4];
+      const float wq = wl[ks / 2];
+      const int s0 = (ks * 16 + 2 * tq) & 31;
+      const float w0 = __shfl_sync(0xffffffffu, wq, s0), w1 = __shfl_sync(0xffffffffu, wq, s0 + 1);
+      const float w8 = __shfl_sync(0xffffffffu, wq, s0 + 8), w9 = __shfl_sync(0xffffffffu, wq, s0 + 9);
+      // K^T fragment by ldmatrix .trans of the row-major K tile (states_kernel.cuh).
+      uint32_t kr[4];
+      ldmatrix_x4_trans(kr, sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + ss * 16 + ((lane >> 3) & 1) * 8);
+      const float2 k0 = unpack2<T>(kr[0]), k1 = unpack2<T>(kr[1]);
+      const float2 k2 = unpack2<T>(kr[2]), k3 = unpack2<T>(kr[3]);
+      const float x[8] = {k0.x * w0, k0.y * w1, k1.x * w0, k1.y * w1, k2.x * w8, k2.y * w9, k3.x * w8, k3.y * w9};
+      n_part[0] += (x[0] + x[1]) + (x[4] + x[5]);
+      n_part[1] += (x[2] + x[3]) + (x[6] + x[7]);
+      uint32_t hi[4], lo[4];
 #pragma unroll
-      for (int j = 0; j < kSP; ++j) {
-        // K^T fragment by ldmatrix .trans of the row-major K tile (states_kernel.cuh).
-        uint32_t kr[4];
-        ldmatrix_x4_trans(kr, sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + (warp + 8 * j) * 16 +
-                                  ((lane >> 3) & 1) * 8);
-        const float2 k0 = unpack2<T>(kr[0]), k1 = unpack2<T>(kr[1]);
-        const float2 k2 = unpack2<T>(kr[2]), k3 = unpack2<T>(kr[3]);
-        const float x[8] = {k0.x * w0, k0.y * w1, k1.x * w0, k1.y * w1, k2.x * w8, k2.y * w9, k3.x * w8, k3.y * w9};
-        n_part[j][0] += (x[0] + x[1]) + (x[4] + x[5]);
-        n_part[j][1] += (x[2] + x[3]) + (x[6] + x[7]);
+      for (int q = 0; q < 4; ++q) split2<T>(x[2 * q], x[2 * q + 1], hi[q], lo[q]);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) split2<T>(x[2 * q], x[2 * q + 1], hi[j][q], lo[j][q]);
-      }
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        if (np * 16 < dv_valid) {
+      for (int np = 0; np < kNTS / 2; ++np) {
+        if (sc0 + np * 16 < dv_valid) {
           uint32_t bv[4];
-          ldmatrix_x4_trans(bv, sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + np * 16 + (lane >> 4) * 8);
-#pragma unroll
-          for (int j = 0; j < kSP; ++j) {
-            mma_16816<T>(acc[j][2 * np], lo[j], bv[0], bv[1]);  // the small half first
-            mma_16816<T>(acc[j][2 * np], hi[j], bv[0], bv[1]);
-            mma_16816<T>(acc[j][2 * np + 1], lo[j], bv[2], bv[3]);
-            mma_16816<T>(acc[j][2 * np + 1], hi[j], bv[2], bv[3]);
-          }
+          ldmatrix_x4_trans(bv, sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + sc0 + np * 16 +
+                                    (lane >> 4) * 8);
+          mma_16816<T>(acc[2 * np], lo, bv[0], bv[1]);  // the small half first
+          mma_16816<T>(acc[2 * np], hi, bv[0], bv[1]);
+          mma_16816<T>(acc[2 * np + 1], lo, bv[2], bv[3]);
+          mma_16816<T>(acc[2 * np + 1], hi, bv[2], bv[3]);
         }
       }
     }
   }
 
   // ---- The last state: C (every block its tile), n (DHHV tile 0), m (tile 0, one thread). ----
+  float* Cb = fp.C_last + bh * p.DHQK * p.DHHV;
 #pragma unroll
-  for (int j = 0; j < kSP; ++j) {
-    const int r0 = (warp + 8 * j) * 16 + g;
-    float* Cb = fp.C_last + bh * p.DHQK * p.DHHV;
+  for (int nt = 0; nt < kNTS; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = e < 2 ? r0 : r0 + 8, col = dv0 + nt * 8 + 2 * tq + (e & 1);
-        if (row < p.DHQK && col < p.DHHV) Cb[static_cast<int64_t>(row) * p.DHHV + col] = acc[j][nt][e];
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int row = e < 2 ? r0 : r0 + 8, col = dv0 + sc0 + nt * 8 + 2 * tq + (e & 1);
+      if (row < p.DHQK && col < p.DHHV) Cb[static_cast<int64_t>(row) * p.DHHV + col] = acc[nt][e];
     }
-    const float s0 = quad_sum(n_part[j][0]), s1 = quad_sum(n_part[j][1]);
-    if (dvt == 0 && tq == 0) {
-      if (r0 < p.DHQK) fp.n_last[bh * p.DHQK + r0] = s0;
-      if (r0 + 8 < p.DHQK) fp.n_last[bh * p.DHQK + r0 + 8] = s1;
-    }
+  }
+  const float s0 = quad_sum(n_part[0]), s1 = quad_sum(n_part[1]);
+  if (dvt == 0 && sc0 == 0 && tq == 0) {
+    if (r0 < p.DHQK) fp.n_last[bh * p.DHQK + r0] = s0;
+    if (r0 + 8 < p.DHQK) fp.n_last[bh * p.DHQK + r0 + 8] = s1;
   }
   if (dvt == 0 && tid == 0) fp.m_last[bh] = m;
 }

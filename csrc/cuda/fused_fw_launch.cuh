@@ -1,5 +1,6 @@
 // Launch of the fused forward kernel, shared by its per-dtype translation units
-// (fused_fw_bf16.cu, fused_fw_fp16.cu): DHQK capacity, shared-memory attribute, the caller's stream.
+// (fused_fw_bf16.cu, fused_fw_fp16.cu): the instance for (DHQK capacity, chunk size), the
+// shared-memory attribute, the caller's stream.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -9,7 +10,7 @@
 namespace mlstm::cuda {
 
 template <typename T>
-void launch_fused_fw(const FusedFwParams& p, int dqk_cap, int64_t blocks, cudaStream_t stream) {
+void launch_fused_fw(const FusedFwParams& p, int dqk_cap, int L, int64_t blocks, cudaStream_t stream) {
   auto go = [&](auto traits) {
     using Tr = decltype(traits);
     auto kernel = fused_fw_kernel<Tr>;
@@ -17,10 +18,12 @@ void launch_fused_fw(const FusedFwParams& p, int dqk_cap, int64_t blocks, cudaSt
     kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (dqk_cap <= 128) {
-    go(FusedFwTraits<T, 128>{});
+  if (L == 128) {
+    go(FusedFwTraits<T, 128, 128>{});
+  } else if (dqk_cap <= 128) {
+    go(FusedFwTraits<T, 128, 64>{});
   } else {
-    go(FusedFwTraits<T, 256>{});
+    go(FusedFwTraits<T, 256, 64>{});
   }
 }
 

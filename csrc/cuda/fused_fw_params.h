@@ -30,25 +30,34 @@ struct FusedFwParams {
   int n_dvt;          // DHHV tiles
 };
 
-// 16-bit inputs, chunk size 64, DHQK <= kDQK (zero-padded). 8 warps: for the H rows, warp w has
-// query rows 16 (w % 4).. and DHHV columns 32 (w / 4).. of the tile; for the state, DHQK strips
-// w, w + 8, ... of 16 rows (all 64 columns).
-template <typename T_, int kDQK_>
+// 16-bit inputs, chunk size kL (64 or 128), DHQK <= kDQK (zero-padded; 128 or 256, and 128 at
+// kL = 128). 8 warps at (128, 64), else 16. The state's kDQK / 16 strips of 16 rows are split
+// over the warps in kSGroups column groups of kSCols columns; the H rows' kL / 16 strips in
+// kColGroups groups of kHCols columns (warp w: strip w % strips, group w / strips).
+template <typename T_, int kDQK_, int kL_>
 struct FusedFwTraits {
   using T = T_;
   static constexpr int kDQK = kDQK_;
-  static constexpr int kL = 64;
+  static constexpr int kL = kL_;
   static constexpr int kBDV = 64;
-  static constexpr int kThreads = 256;
-  static constexpr int kStripsPerWarp = kDQK / 16 / 8;
-  // Two blocks per SM fit in shared memory at DHQK 128 (~106 KB each), one at 256 (~189 KB).
-  static constexpr int kMinBlocks = kDQK <= 128 ? 2 : 1;
+  static constexpr int kWarps = (kDQK == 128 && kL == 64) ? 8 : 16;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSStrips = kDQK / 16;
+  static constexpr int kSCols = kBDV / (kWarps / kSStrips);
+  static constexpr int kHStrips = kL / 16;
+  static constexpr int kColGroups = kWarps / kHStrips;
+  static constexpr int kHCols = kBDV / kColGroups;
+  // Two blocks per SM fit in shared memory at (128, 64) (~108 KB each); one elsewhere (~181 KB at
+  // (128, 128), ~191 KB at (256, 64)).
+  static constexpr int kMinBlocks = kWarps == 8 ? 2 : 1;
+  static_assert(kWarps % kSStrips == 0 && kWarps % kHStrips == 0 && kHStrips % kColGroups == 0, "whole groups");
+  static_assert(kL <= kDQK, "W fits in the Q rows");
   // Row strides (elements): odd multiples of 16 bytes, for conflict-free ldmatrix.
   static constexpr int kSQ = kDQK + 8;      // Q and K tiles
   static constexpr int kSV = kBDV + 8;      // V tile
   static constexpr int kSC = 2 * kBDV + 8;  // C_k as bf16 hi | lo
-  // Shared memory: Q (one buffer) | 2 x {K, V, a[kL], (g, max a), f[kL], i[kL]} | C_k hi | lo | n_k |
-  // gate scratch.
+  // Shared memory: Q (one buffer; W overwrites it per strip) | 2 x {K, V, a[kL], (g, max a),
+  // f[kL], i[kL]} | C_k hi | lo | n_k | gate scratch | row sums.
   static constexpr int kQBytes = kL * kSQ * 2;
   static constexpr int kKBytes = kL * kSQ * 2;
   static constexpr int kVBytes = kL * kSV * 2;
@@ -59,13 +68,22 @@ struct FusedFwTraits {
   static constexpr int kNOff = kCOff + kDQK * kSC * 2;
   static constexpr int kGateOff = kNOff + kDQK * 4;
   static constexpr int kRowOff = kGateOff + kGateArrays * kL * 4;
-  static constexpr int kSmemBytes = kRowOff + kRowArrays * kL * 4;
-  static_assert(kDQK % 128 == 0, "whole strips per warp");
+  static constexpr int kRSOff = kRowOff + kRowArrays * kL * 4;  // the column groups' row sums
+  static constexpr int kSmemBytes = kRSOff + kColGroups * kL * 4;
+  static_assert((kDQK == 128 || kDQK == 256) && (kL == 64 || kL == 128), "the instances of the plan");
   static_assert(kQBytes % 16 == 0 && kStageBytes % 16 == 0 && kABytes % 16 == 0, "16-byte regions");
 };
 
-// Host entry points (fused_fw_bf16.cu, fused_fw_fp16.cu): dqk_cap is 128 or 256.
-void launch_fused_fw_bf16(const FusedFwParams& p, int dqk_cap, int64_t blocks, cudaStream_t stream);
-void launch_fused_fw_fp16(const FusedFwParams& p, int dqk_cap, int64_t blocks, cudaStream_t stream);
+// Shared memory of the instance for (dqk_cap, L) (the same for both 16-bit dtypes).
+inline int fused_fw_smem_bytes(int dqk_cap, int L) {
+  if (L == 128) return FusedFwTraits<__nv_bfloat16, 128, 128>::kSmemBytes;
+  return dqk_cap <= 128 ? FusedFwTraits<__nv_bfloat16, 128, 64>::kSmemBytes
+                        : FusedFwTraits<__nv_bfloat16, 256, 64>::kSmemBytes;
+}
+
+// Host entry points (fused_fw_bf16.cu, fused_fw_fp16.cu): (dqk_cap, L) is (128, 64), (256, 64) or
+// (128, 128).
+void launch_fused_fw_bf16(const FusedFwParams& p, int dqk_cap, int L, int64_t blocks, cudaStream_t stream);
+void launch_fused_fw_fp16(const FusedFwParams& p, int dqk_cap, int L, int64_t blocks, cudaStream_t stream);
 
 }  // namespace mlstm::cuda

@@ -212,14 +212,15 @@ __device__ __forceinline__ RowGate row_gate(const GateScratch& gs, const Tile& t
 // (elements 2, 3): x holds q.k in the mma accumulator layout (8 n-tiles of 8 keys; element e of
 // tile nt is key kb0 + 8 nt + 2 tq + (e & 1)) and becomes w = qk_scale (q.k) exp(D - F), zero
 // where s > t (selected, never multiplied: a later row's NaN stays out). Adds w to the row sums.
-template <bool kWide>
+// kTiles < 8: the first kTiles n-tiles only (the fused forward weighs 16 keys at a time).
+template <bool kWide, int kTiles = 8>
 __device__ __forceinline__ void weigh_scores(float* x, int kb0, int row_end, const RowGate& r0,
                                              const RowGate& r1, const GateScratch& gs, float qk_scale,
                                              float& rowsum0, float& rowsum1) {
   const int tq = threadIdx.x % 4;
   const bool ok0 = r0.t < row_end, ok1 = r1.t < row_end;
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < kTiles; ++nt) {
     const int s = kb0 + nt * 8 + 2 * tq;
     float e[4];
     if constexpr (kWide) {
