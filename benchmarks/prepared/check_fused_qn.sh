@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One device call (~5 minutes) for two prepared patches of the fused forward (benchmarks/NOTES.md,
 # twelfth session), applied in this order:
-#   fused_fw_qn_mma.patch        q . n_k on the tensor cores (n_k as three exact bf16 terms in the
-#                                pad of C_k's shared rows) instead of a scalar loop;
-#   fused_fw_gates_shared.patch  stage_gates<kL, true>: warp 0 reads the gates from shared memory
-#                                in its scan, one block barrier fewer per chunk.
+#   fused_fw_qn_mma.patch      q . n_k on the tensor cores (n_k as three exact bf16 terms in the
+#                              pad of C_k's shared rows) instead of a scalar loop;
+#   fused_fw_gate_terms.patch  the H rows' gate terms that do not depend on the state made for
+#                              every chunk by a small kernel before the fused one
+#                              (fused_fw_gates.cu), the rows' m-dependent terms made during the
+#                              chunk before: no gate scan and one barrier instead of three per
+#                              chunk; stage_gates split into the functions both use.
 # Builds main (.ab_main), main + the first patch (.ab_qn) and main + both (the tree, in place)
 # side by side, then: the fused forward's tests and sanitizers on the tree (every instance), the
-# forward A/Bs main -> qn -> tree (default plan; and main -> tree with MLSTM_EXT_FUSED_FW=1), the
-# fw+bw A/B main -> tree, and the fused kernel against the two kernels in one process.
+# forward A/Bs main -> qn -> tree (default plan; the two-kernel shapes show the stage_gates
+# refactor in the H kernels), main -> tree with MLSTM_EXT_FUSED_FW=1, the fw+bw A/B main -> tree,
+# and the fused kernel against the two kernels in one process.
 #   device: bash benchmarks/prepared/check_fused_qn.sh > $OUT/check.log 2>&1   (carry [".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +24,7 @@ for d in .ab_main .ab_qn; do
 done
 git apply --directory=.ab_qn benchmarks/prepared/fused_fw_qn_mma.patch || { echo "the qn patch does not apply (.ab_qn)"; exit 1; }
 git apply benchmarks/prepared/fused_fw_qn_mma.patch || { echo "the qn patch does not apply"; exit 1; }
-git apply benchmarks/prepared/fused_fw_gates_shared.patch || { echo "the gates patch does not apply"; exit 1; }
+git apply benchmarks/prepared/fused_fw_gate_terms.patch || { echo "the gate-terms patch does not apply"; exit 1; }
 for d in .ab_main .ab_qn; do
   ( cd "$d" && MAX_JOBS=4 MLSTM_EXT_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/b_$d.log" 2>&1; echo "$d build rc=$? $((SECONDS - t0)) s" ) &
 done
@@ -29,6 +33,8 @@ grep -A2 "fused_fw" "$OUT/ptxas_resource_usage.txt" 2>/dev/null | grep -E "regs|
 export PYTHONPATH=/tmp/site
 echo "== fused tests (tree) $((SECONDS - t0)) s"
 timeout 120 python3 -m pytest -q tests/test_fused_forward.py 2>&1 | tail -3
+echo "== the H kernels' tests (stage_gates split into shared functions) $((SECONDS - t0)) s"
+timeout 150 python3 -m pytest -q tests/test_hostile.py tests/test_chunkwise.py tests/test_cuda_op.py -m cuda -p no:cacheprovider 2>&1 | tail -3
 echo "== sanitizers (tree, the fused forward's three instances) $((SECONDS - t0)) s"
 MLSTM_EXT_FUSED_FW=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
     python3 benchmarks/sanitize_case.py --cases forward_l64_bf16,forward_l64_d128_fp16,forward_bf16 2>&1 | tail -3
