@@ -6,7 +6,8 @@
 //   2. The chunk's H rows: the sm_80 H step's stages (g Q C_k + W V, q . n_k, the normaliser),
 //      each warp 16 rows x 32 columns (16 at DHQK 256), S = Q K^T once per row strip (its warps
 //      share W through shared memory); H, vecN, vecM written.
-//   3. The state update in the accumulators, the states kernel's arithmetic (states_kernel.cuh):
+//   3. The state update in the accumulators, the states kernel's own steps (start_chunk,
+//      state_kstep; states_kernel.cuh):
 //      m_{k+1} = max(g_k + m_k, max_s a[s]), C <- e^{g_k + m_k - m_{k+1}} C + K^T diag(w) V, with
 //      k w split into hi + lo halves; chunk k + 1's Q loads meanwhile.
 // Every block of a (b, h) runs the same scalar recurrence for m. The products are those of the
@@ -305,17 +306,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
         return __bfloat162float(row[0]) + __bfloat162float(row[Tr::kBDV]);
       });
     }
-    const float gk = sa[kL], amax = sa[kL + 1];
-    const float m_next = nan_max(gk + m, amax);
-    const float decay = expf(gk + m - m_next);
-    m = m_next;
-#pragma unroll
-    for (int nt = 0; nt < kNTS; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
-    }
-    n_part[0] *= decay;
-    n_part[1] *= decay;
+    start_chunk(sa[kL], sa[kL + 1], m, acc, n_part);
     // w[s] = exp(a[s] - m_{k+1}): lane l holds w[l + 32 q]; fragments fetch theirs by shuffle (the
     // positions of one k-step never straddle 32, so q is the same in every lane).
     float wl[kL / 32];
@@ -327,29 +318,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
       const int s0 = (ks * 16 + 2 * tq) & 31;
       const float w0 = __shfl_sync(0xffffffffu, wq, s0), w1 = __shfl_sync(0xffffffffu, wq, s0 + 1);
       const float w8 = __shfl_sync(0xffffffffu, wq, s0 + 8), w9 = __shfl_sync(0xffffffffu, wq, s0 + 9);
-      // K^T fragment by ldmatrix .trans of the row-major K tile (states_kernel.cuh).
-      uint32_t kr[4];
-      ldmatrix_x4_trans(kr, sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + ss * 16 + ((lane >> 3) & 1) * 8);
-      const float2 k0 = unpack2<T>(kr[0]), k1 = unpack2<T>(kr[1]);
-      const float2 k2 = unpack2<T>(kr[2]), k3 = unpack2<T>(kr[3]);
-      const float x[8] = {k0.x * w0, k0.y * w1, k1.x * w0, k1.y * w1, k2.x * w8, k2.y * w9, k3.x * w8, k3.y * w9};
-      n_part[0] += (x[0] + x[1]) + (x[4] + x[5]);
-      n_part[1] += (x[2] + x[3]) + (x[6] + x[7]);
-      uint32_t hi[4], lo[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) split2<T>(x[2 * q], x[2 * q + 1], hi[q], lo[q]);
-#pragma unroll
-      for (int np = 0; np < kNTS / 2; ++np) {
-        if (sc0 + np * 16 < dv_valid) {
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + sc0 + np * 16 +
-                                    (lane >> 4) * 8);
-          mma_16816<T>(acc[2 * np], lo, bv[0], bv[1]);  // the small half first
-          mma_16816<T>(acc[2 * np], hi, bv[0], bv[1]);
-          mma_16816<T>(acc[2 * np + 1], lo, bv[2], bv[3]);
-          mma_16816<T>(acc[2 * np + 1], hi, bv[2], bv[3]);
-        }
-      }
+      state_kstep<T, kNTS>(acc, n_part,
+                           sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + ss * 16 + ((lane >> 3) & 1) * 8,
+                           sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + sc0 + (lane >> 4) * 8,
+                           w0, w1, w8, w9, dv_valid - sc0);
     }
   }
 

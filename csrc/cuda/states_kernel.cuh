@@ -32,6 +32,55 @@ __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_
   lo = pack2<T>(x0 - h.x, x1 - h.y);
 }
 
+// Chunk start: the new stabiliser m_{k+1} = max(g_k + m_k, max_s a[s]) and the decay of the
+// carried C (mma accumulators) and n (per-lane partial sums). Shared with the fused forward.
+template <int NT>
+__device__ __forceinline__ void start_chunk(float gk, float amax, float& m, float (&acc)[NT][4], float (&n_part)[2]) {
+  const float m_next = nan_max(gk + m, amax);
+  const float decay = expf(gk + m - m_next);
+  m = m_next;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
+  }
+  n_part[0] *= decay;
+  n_part[1] *= decay;
+}
+
+// One 16-key step of C += K^T diag(w) V and n += K^T w, 16-bit inputs (shared with the fused
+// forward). k_lane: this lane's ldmatrix .trans row address in the row-major K tile, giving the
+// K^T fragment kr[0] = rows r0 at keys s0, s0+1; kr[1] = rows r1 there; kr[2], kr[3] the same at
+// s0+8, s0+9 (s0 = 16 ks + 2 tq), whose weights are w0, w1, w8, w9. v_lane: this lane's ldmatrix
+// .trans row address in the V tile at the warp's first column; the n-tile pairs whose first
+// column is below cols_valid are multiplied.
+template <typename T, int NT>
+__device__ __forceinline__ void state_kstep(float (&acc)[NT][4], float (&n_part)[2], const T* k_lane, const T* v_lane,
+                                            float w0, float w1, float w8, float w9, int cols_valid) {
+  uint32_t kr[4];
+  ldmatrix_x4_trans(kr, k_lane);
+  const float2 k0 = unpack2<T>(kr[0]), k1 = unpack2<T>(kr[1]);
+  const float2 k2 = unpack2<T>(kr[2]), k3 = unpack2<T>(kr[3]);
+  const float x[8] = {k0.x * w0, k0.y * w1, k1.x * w0, k1.y * w1, k2.x * w8, k2.y * w9, k3.x * w8, k3.y * w9};
+  n_part[0] += (x[0] + x[1]) + (x[4] + x[5]);
+  n_part[1] += (x[2] + x[3]) + (x[6] + x[7]);
+  uint32_t hi[4], lo[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) split2<T>(x[2 * q], x[2 * q + 1], hi[q], lo[q]);
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {
+    if (np * 16 < cols_valid) {
+      // V fragments (k = keys, n = columns) of n-tiles 2np, 2np+1: bv[0..1], bv[2..3].
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, v_lane + np * 16);
+      mma_16816<T>(acc[2 * np], lo, bv[0], bv[1]);  // the small half first
+      mma_16816<T>(acc[2 * np], hi, bv[0], bv[1]);
+      mma_16816<T>(acc[2 * np + 1], lo, bv[2], bv[3]);
+      mma_16816<T>(acc[2 * np + 1], hi, bv[2], bv[3]);
+    }
+  }
+}
+
 // kC16: C stored in the 16-bit input dtype (p.c16, the backward's recompute), a kernel of its own
 // so that the forward's keeps its code: with a run-time branch in the store (and another change
 // beside it) the forward measured 4-10% slower at three of four shapes.
@@ -214,19 +263,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
     const float* sa = reinterpret_cast<const float*>(st + Tr::kKBytes + Tr::kVBytes);
     const int rows = min(Tr::kBL, p.L - cs * Tr::kBL);
 
-    if (cs == 0) {  // chunk start: the new stabiliser and the decay of the carried state
-      const float gk = sa[Tr::kBL], amax = sa[Tr::kBL + 1];
-      const float m_next = nan_max(gk + m, amax);
-      const float decay = expf(gk + m - m_next);
-      m = m_next;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
-      }
-      n_part[0] *= decay;
-      n_part[1] *= decay;
-    }
+    if (cs == 0) start_chunk(sa[Tr::kBL], sa[Tr::kBL + 1], m, acc, n_part);
 
     if (warp_active) {
       // w[s] = exp(a[s] - m_{k+1}) for the step's valid positions, 0 on the zero-padded rows:
@@ -268,34 +305,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
 #pragma unroll 1
         for (int ks = part; ks < ksteps; ks += Tr::kSplit) {
           const int s0 = ks * 16 + 2 * tq;
-          const float w0 = weight(s0), w1 = weight(s0 + 1), w8 = weight(s0 + 8), w9 = weight(s0 + 9);
-          // K^T fragment by ldmatrix .trans of the row-major K step: kr[0] = rows r0 at keys
-          // s0, s0+1; kr[1] = rows r1 at s0, s0+1; kr[2] = r0 at s0+8, s0+9; kr[3] = r1 there.
-          uint32_t kr[4];
-          ldmatrix_x4_trans(kr, sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSK + wr +
-                                    ((lane >> 3) & 1) * 8);
-          const float2 k0 = unpack2<T>(kr[0]), k1 = unpack2<T>(kr[1]);
-          const float2 k2 = unpack2<T>(kr[2]), k3 = unpack2<T>(kr[3]);
-          const float x[8] = {k0.x * w0, k0.y * w1, k1.x * w0, k1.y * w1,
-                              k2.x * w8, k2.y * w9, k3.x * w8, k3.y * w9};
-          n_part[0] += (x[0] + x[1]) + (x[4] + x[5]);
-          n_part[1] += (x[2] + x[3]) + (x[6] + x[7]);
-          uint32_t hi[4], lo[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) split2<T>(x[2 * q], x[2 * q + 1], hi[q], lo[q]);
-#pragma unroll
-          for (int np = 0; np < NT / 2; ++np) {
-            if (np * 16 < dv_valid) {
-              // V fragments (k = keys, n = columns) of n-tiles 2np, 2np+1: bv[0..1], bv[2..3].
-              uint32_t bv[4];
-              ldmatrix_x4_trans(bv, sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV +
-                                        np * 16 + (lane >> 4) * 8);
-              mma_16816<T>(acc[2 * np], lo, bv[0], bv[1]);  // the small half first
-              mma_16816<T>(acc[2 * np], hi, bv[0], bv[1]);
-              mma_16816<T>(acc[2 * np + 1], lo, bv[2], bv[3]);
-              mma_16816<T>(acc[2 * np + 1], hi, bv[2], bv[3]);
-            }
-          }
+          state_kstep<T, NT>(acc, n_part,
+                             sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSK + wr + ((lane >> 3) & 1) * 8,
+                             sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + (lane >> 4) * 8,
+                             weight(s0), weight(s0 + 1), weight(s0 + 8), weight(s0 + 9), dv_valid);
         }
       }
     }
