@@ -249,8 +249,8 @@ constexpr const char* kStatesSchema =
 constexpr const char* kForwardSchema =
     "(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor? matC_initial=None, "
     "Tensor? vecN_initial=None, Tensor? scaM_initial=None, float? qk_scale=None, int chunk_size=64, "
-    "float eps=1e-6, str grad_mode=\"exact\", bool vecN_signed=False) -> (Tensor matH, Tensor matC_last, Tensor vecN_last, "
-    "Tensor scaM_last, Tensor vecN, Tensor vecM)";
+    "float eps=1e-6, str grad_mode=\"exact\", bool vecN_signed=False) -> (Tensor matH, Tensor matC_last, "
+    "Tensor vecN_last, Tensor scaM_last, Tensor vecN, Tensor vecM)";
 
 // The backward of chunkwise_fw: the forward's inputs and the outputs it reads (matH, vecN, vecM),
 // the incoming gradients (None: zero), the forward's scalars. Returns the gradients of matQ, matK,
@@ -260,9 +260,9 @@ constexpr const char* kBackwardSchema =
     "(Tensor matQ, Tensor matK, Tensor matV, Tensor vecI, Tensor vecF, Tensor? matC_initial, "
     "Tensor? vecN_initial, Tensor? scaM_initial, Tensor matH, Tensor vecN, Tensor vecM, "
     "Tensor? matDeltaH, Tensor? matDeltaC_last, Tensor? vecDeltaN_last, float? qk_scale=None, "
-    "int chunk_size=64, float eps=1e-6, str grad_mode=\"exact\", bool vecN_signed=False) -> (Tensor matDeltaQ, "
-    "Tensor matDeltaK, Tensor matDeltaV, Tensor vecDeltaI, Tensor vecDeltaF, Tensor matDeltaC_initial, "
-    "Tensor vecDeltaN_initial)";
+    "int chunk_size=64, float eps=1e-6, str grad_mode=\"exact\", bool vecN_signed=False) -> "
+    "(Tensor matDeltaQ, Tensor matDeltaK, Tensor matDeltaV, Tensor vecDeltaI, Tensor vecDeltaF, "
+    "Tensor matDeltaC_initial, Tensor vecDeltaN_initial)";
 
 // One position of the recurrence, for generation (SPEC.md, "The inference step"). recurrent_step
 // is a composite (csrc/step.cpp: ATen ops, autograd through them); where no gradient is wanted on
