@@ -1,6 +1,6 @@
 """The fused forward kernel (csrc/cuda/fused_fw_kernel.cuh): chunkwise_fw in one kernel that keeps
-every chunk's C on chip (the default at chunk 64, DHQK <= 128 on Hopper; MLSTM_EXT_FUSED_FW=1,
-set by these tests, runs it wherever it applies: chunk 64 up to DHQK 256, chunk 128 up to 128). Checked against the float64 chain
+every chunk's C on chip (the default at chunk 64 on Hopper; MLSTM_EXT_FUSED_FW=1, set by these
+tests, runs it wherever it applies: chunk 64 up to DHQK 256, chunk 128 up to 128). Checked against the float64 chain
 (reference recurrent step, then reference H step) and against the two-kernel forward on fresh
 random inputs, with NaN-poisoned output memory; that the fused kernel actually ran (profiler);
 gradients through mlstm_chunkwise with its saved vecN / vecM. CUDA only (skips elsewhere).
@@ -117,11 +117,11 @@ def test_fused_gradients_match_two_kernels(fused, monkeypatch, seed):
 
 
 def test_fused_default_plan(monkeypatch, seed):
-    """Without MLSTM_EXT_FUSED_FW: the fused kernel at DHQK <= 128 on compute capability 9.x (where
-    it measured faster), the two kernels at DHQK 256; MLSTM_EXT_FUSED_FW=0 turns it off."""
+    """Without MLSTM_EXT_FUSED_FW: the fused kernel at chunk 64 on compute capability 9.x (where it
+    measured faster), the two kernels at chunk 128; MLSTM_EXT_FUSED_FW=0 turns it off."""
     monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    for DHQK, L, want in [(128, 64, hopper), (256, 64, False), (128, 128, False)]:
+    for DHQK, L, want in [(128, 64, hopper), (256, 64, hopper), (128, 128, False)]:
         qkvif, st = make_qkvif(1, 2, 256, DHQK, 64, BF16, True, seed=seed, device="cuda")
         run = lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=L)  # noqa: E731
         assert any("fused_fw_kernel" in n for n in kernels_run(run)) == want, (DHQK, L)

@@ -18,10 +18,10 @@ namespace {
 
 // MLSTM_EXT_FUSED_FW (read at every call): "0" never, "1" wherever the kernel applies (chunk 64
 // with DHQK up to 256, chunk 128 with DHQK up to 128; any sm_80+ device with the shared memory),
-// else (default) where it measured faster than the two kernels: chunk 64, DHQK up to 128, compute
-// capability 9.x (H100, twelfth session, against the two kernels in one process: 0.854 -> 0.668
-// ms at (8, 16, 4096, 128, 128, 64); 1.10x slower at DHQK 256 with 16 warps and 1.16x slower at
-// chunk 128; benchmarks/NOTES.md).
+// else (default) where it measured faster than the two kernels: chunk 64 on compute capability
+// 9.x (H200, thirteenth session, against the two kernels in one process: 0.736 -> 0.579 ms at
+// (8, 16, 4096, 128, 128, 64), 2.435 -> 2.303 ms at (4, 8, 8192, 256, 512, 64); chunk 128 stays
+// 1.04x slower; benchmarks/NOTES.md).
 enum class FusedMode { kOff, kOn, kDefault };
 FusedMode fused_mode() {
   const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
@@ -48,7 +48,7 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   const int n_dvt = static_cast<int>((a.DHHV + 63) / 64);
   const int64_t blocks = a.B * a.NH * n_dvt;
   if (dev.cc_major < 8 || dev.smem_per_block_optin < smem || blocks >= INT_MAX) return false;
-  if (mode == FusedMode::kDefault && (L != 64 || dqk_cap != 128 || dev.cc_major != 9)) return false;
+  if (mode == FusedMode::kDefault && (L != 64 || dev.cc_major != 9)) return false;
 
   const c10::cuda::CUDAGuard guard(f.matQ.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -56,8 +56,20 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
                    v = cuda::unit_last_stride(a.matV);
   const auto f32 = f.matQ.options().dtype(at::kFloat);
 
-  // The states' gates (states_gates.cu): a[s] and (g_k, max_s a[s]) per chunk.
+  // The states' gates (states_gates.cu): a[s] and (g_k, max_s a[s]) per chunk; the H rows' gate
+  // terms that do not depend on the state (fused_fw_gates.cu), per chunk.
   auto [abuf, gm] = cuda::run_states_gates(a, stream);
+  at::Tensor hg = at::empty({a.B * a.NH * a.NC, cuda::fused_gate_floats(L)}, f32);
+  {
+    cuda::FusedGateParams g{};
+    g.igate = a.vecI.data_ptr<float>();
+    g.i_sb = a.vecI.stride(0), g.i_sh = a.vecI.stride(1), g.i_ss = a.vecI.stride(2);
+    g.fgate = a.vecF.data_ptr<float>();
+    g.f_sb = a.vecF.stride(0), g.f_sh = a.vecF.stride(1), g.f_ss = a.vecF.stride(2);
+    g.hg = hg.data_ptr<float>();
+    g.NH = a.NH, g.num_chunks = a.B * a.NH * a.NC, g.L = L, g.NC = static_cast<int>(a.NC);
+    cuda::launch_fused_fw_gates(g, stream);
+  }
 
   at::Tensor matH = at::empty({a.B, a.NH, a.S, a.DHHV}, f.matQ.options());
   at::Tensor vecN = at::empty({a.B, a.NH, a.S}, f32), vecM = at::empty({a.B, a.NH, a.S}, f32);
@@ -84,6 +96,7 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   h.q_vec = cuda::rows_aligned16(q, 2), h.k_vec = cuda::rows_aligned16(k, 2), h.v_vec = cuda::rows_aligned16(v, 2);
   p.a = abuf.data_ptr<float>();
   p.gm = reinterpret_cast<const float2*>(gm.data_ptr<float>());
+  p.hg = hg.data_ptr<float>();
   cuda::set_initial_states(p, a);
   p.C_last = C_last.data_ptr<float>(), p.n_last = n_last.data_ptr<float>(), p.m_last = m_last.data_ptr<float>();
   p.n_dvt = n_dvt;

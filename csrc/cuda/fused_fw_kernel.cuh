@@ -1,8 +1,10 @@
 // The fused forward kernel (fused_fw_params.h): one block per (b*h, 64 DHHV columns) walks the
 // chunks (of 64 or 128 positions) in order. Per chunk k, with chunk k + 1's K and V in flight:
-//   1. C_k (mma accumulators) goes to shared memory as bf16 hi | lo, n_k as float; the H step's
-//      gates (loaded with K and V) are staged with m_k from a register (stage_gates,
-//      hintra_common.cuh).
+//   1. C_k (mma accumulators) goes to shared memory as bf16 hi | lo, n_k as three bf16 terms in
+//      the rows' pad (n_terms: exact), so that q . n_k is one more mma per k-step. The H step's
+//      gate terms that do not depend on the state come made for every chunk (fused_fw_gates.cu)
+//      and load with K and V; the rows' terms with m_k were made during chunk k - 1's state
+//      update (row_exponents, hintra_common.cuh): no gate scan, one barrier.
 //   2. The chunk's H rows: the sm_80 H step's stages (g Q C_k + W V, q . n_k, the normaliser),
 //      each warp 16 rows x 32 columns (16 at DHQK 256), S = Q K^T once per row strip (its warps
 //      share W through shared memory); H, vecN, vecM written.
@@ -11,7 +13,8 @@
 //      m_{k+1} = max(g_k + m_k, max_s a[s]), C <- e^{g_k + m_k - m_{k+1}} C + K^T diag(w) V, with
 //      k w split into hi + lo halves; chunk k + 1's Q loads meanwhile.
 // Every block of a (b, h) runs the same scalar recurrence for m. The products are those of the
-// two kernels, except that Q C_k reads C_k split from the accumulators instead of from memory.
+// two kernels, except that Q C_k reads C_k split from the accumulators instead of from memory and
+// q . n_k is summed by the tensor cores (exact products, float32 sums in another order).
 // Tiles whose outputs come out non-finite are recomputed exactly, as in the H step.
 #pragma once
 
@@ -39,6 +42,19 @@ __device__ __forceinline__ void strip_sync(int hs) {
   }
 }
 
+// n_k for the tensor cores: three bf16 terms, each the truncation of what the ones before left,
+// so hi + mid + lo is n_k exactly (3 x 8 bits); a non-finite n_k stays in hi alone, so that its
+// NaN or Inf reaches q . n_k as it would in float32. Columns 0-2 of C_k's 8-column pad.
+__device__ __forceinline__ uint4 n_terms(float x) {
+  const bool fin = isfinite(x);
+  const __nv_bfloat16 hi = __float2bfloat16_rz(x);
+  const float r1 = fin ? x - __bfloat162float(hi) : 0.f;
+  const __nv_bfloat16 mid = __float2bfloat16_rz(r1);
+  const __nv_bfloat16 lo = __float2bfloat16_rz(r1 - __bfloat162float(mid));
+  const __nv_bfloat16 zero = __float2bfloat16(0.f);
+  return make_uint4(bf16x2_bits(__halves2bfloat162(hi, mid)), bf16x2_bits(__halves2bfloat162(lo, zero)), 0u, 0u);
+}
+
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(const FusedFwParams fp) {
   using T = typename Tr::T;
@@ -49,8 +65,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   __nv_bfloat16* sC = reinterpret_cast<__nv_bfloat16*>(smem + Tr::kCOff);
-  float* sN = reinterpret_cast<float*>(smem + Tr::kNOff);
-  const GateScratch gs = gate_scratch(smem, Tr::kGateOff, Tr::kRowOff, kL, kL);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, tq = lane % 4;
@@ -89,8 +103,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
   const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + dv0;
   const float* gA = fp.a + bh * p.S;
   const float2* gGM = fp.gm + bh * p.NC;
-  const float* gF = p.fgate + b * p.f_sb + h * p.f_sh;
-  const float* gI = p.igate + b * p.i_sb + h * p.i_sh;
+  constexpr int kHG = fused_gate_floats(kL);
+  const float* gHG = fp.hg + bh * p.NC * kHG;  // the chunks' gate terms (fused_fw_gates.cu)
   auto stage = [&](int buf) { return smem + Tr::kStageOff + buf * Tr::kStageBytes; };
   auto issue_q = [&](int k) {
     stage_tile<T, kL, Tr::kDQK, Tr::kThreads>(sQ, Tr::kSQ, gQ + static_cast<int64_t>(k) * kL * p.q_ss,
@@ -106,17 +120,45 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
     float* sa = reinterpret_cast<float*>(st + Tr::kKBytes + Tr::kVBytes);
     if (tid < kL) cp_async_4(sa + tid, gA + t0 + tid, 4);
     if (tid < 2) cp_async_4(sa + kL + tid, reinterpret_cast<const float*>(gGM + k) + tid, 4);
-    // The raw gates of the H rows (stage_gates reads them from here).
-    float* sf = sa + kL + 4;
+    // The gate terms of the H rows (16-byte blocks).
+    float* shg = sa + Tr::kHGOff / 4;
+    const float* ghg = gHG + static_cast<int64_t>(k) * kHG;
+    for (int j = tid; j < kHG / 4; j += Tr::kThreads) cp_async_16(shg + 4 * j, ghg + 4 * j, 16);
+  };
+  // The gate scratch of the chunk in stage buf: its key terms in the stage, its rows in row buffer
+  // buf (made by make_rows during the chunk before, or before the loop).
+  auto gates_of = [&](int buf) {
+    GateScratch gs;
+    float* hg = reinterpret_cast<float*>(stage(buf) + Tr::kKBytes + Tr::kVBytes + Tr::kHGOff);
+    gs.bg = hg, gs.bg_lo = hg + kL, gs.col_a = hg + 2 * kL, gs.col_b = hg + 3 * kL;
+    float* rows = reinterpret_cast<float*>(smem + Tr::kRowOff + buf * Tr::kRowBytes);
+    gs.row_a = rows, gs.row_g = rows + kL, gs.row_m = rows + 2 * kL, gs.row_d = rows + 3 * kL;
+    gs.row_inv = rows + 4 * kL;
+    return gs;
+  };
+  // Steps 3-4 of chunk k's rows with the state's m_prev (thread t: row t), from the terms
+  // (bg[t], m_intra[t], wide) that the caller loaded ahead from global memory.
+  auto make_rows = [&](int buf, float bg, float m_intra, float wide_flag, float m_prev) {
     if (tid < kL) {
-      cp_async_4(sf + tid, gF + (t0 + tid) * p.f_ss, 4);
-    } else if (tid < 2 * kL) {
-      cp_async_4(sf + tid, gI + (t0 + tid - kL) * p.i_ss, 4);
+      const RowExp e = row_exponents(bg, m_intra, m_prev, wide_flag != 0.f, p.qk_scale);
+      const GateScratch gs = gates_of(buf);
+      gs.row_a[tid] = e.a, gs.row_g[tid] = e.g, gs.row_m[tid] = e.m, gs.row_d[tid] = e.d;
+    }
+  };
+  auto row_terms = [&](int k, float& bg, float& m_intra, float& wide_flag) {
+    if (tid < kL) {
+      const float* hg = gHG + static_cast<int64_t>(k) * kHG;
+      bg = hg[tid], m_intra = hg[4 * kL + tid], wide_flag = hg[5 * kL];
     }
   };
   issue_q(0);
   issue_kv(0, 0);
   cp_async_commit();
+  {
+    float bg = 0.f, mi = 0.f, wf = 0.f;
+    row_terms(0, bg, mi, wf);
+    make_rows(0, bg, mi, wf, m);
+  }
 
   // The H rows of this warp: row strip hs, column group cg (kHCols columns from hc).
   const int hs = warp % Tr::kHStrips, cg = warp / Tr::kHStrips, hc = cg * Tr::kHCols;
@@ -136,8 +178,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
     const T* sK = reinterpret_cast<const T*>(st);
     const T* sV = reinterpret_cast<const T*>(st + Tr::kKBytes);
     const float* sa = reinterpret_cast<const float*>(st + Tr::kKBytes + Tr::kVBytes);
+    const GateScratch gs = gates_of(buf);
+    const bool wide = sa[Tr::kHGOff / 4 + 5 * kL] != 0.f;
 
-    // 1. C_k and n_k for the H rows (made visible by stage_gates' barriers).
+    // 1. C_k and n_k for the H rows.
 #pragma unroll
     for (int nt = 0; nt < kNTS; ++nt) {
       const int col = sc0 + nt * 8 + 2 * tq;
@@ -151,29 +195,24 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
     }
     {
       const float s0 = quad_sum(n_part[0]), s1 = quad_sum(n_part[1]);
-      if (tq == 0 && sc0 == 0) sN[r0] = s0, sN[r0 + 8] = s1;
+      if (tq == 0 && sc0 == 0) {
+        *reinterpret_cast<uint4*>(sC + r0 * Tr::kSC + 2 * Tr::kBDV) = n_terms(s0);
+        *reinterpret_cast<uint4*>(sC + (r0 + 8) * Tr::kSC + 2 * Tr::kBDV) = n_terms(s1);
+      }
     }
     tile.chunk = k;
     tile.s0 = static_cast<int64_t>(k) * kL;
-    const bool wide = stage_gates<kL>(p, tile, gs, m, sa + kL + 4, 1, sa + 2 * kL + 4, 1);
+    __syncthreads();  // C_k and n_k are in place
 
     // 2. The H rows: acc_h = g (Q C_k) + W V, 16 rows x kHCols columns per warp.
     float acc_h[kNTH][4];
 #pragma unroll
     for (int i = 0; i < kNTH; ++i) acc_h[i][0] = acc_h[i][1] = acc_h[i][2] = acc_h[i][3] = 0.f;
-    float qn0 = 0.f, qn1 = 0.f;
+    float acc_n[4] = {0.f, 0.f, 0.f, 0.f};  // q . (n_k's three terms), columns 0-2
     const float g0 = gs.row_g[wr + g], g1 = gs.row_g[wr + g + 8];
 #pragma unroll
     for (int kk = 0; kk < Tr::kDQK; kk += 16) {
       if (kk < p.DHQK) {
-#pragma unroll
-        for (int half = 0; half < 16; half += 8) {
-          const T* q0 = sQ + (wr + g) * Tr::kSQ + kk + half + 2 * tq;
-          const T* q1 = q0 + 8 * Tr::kSQ;
-          const float n0 = sN[kk + half + 2 * tq], n1 = sN[kk + half + 2 * tq + 1];
-          qn0 = fmaf(to_float(q0[0]), n0, fmaf(to_float(q0[1]), n1, qn0));
-          qn1 = fmaf(to_float(q1[0]), n0, fmaf(to_float(q1[1]), n1, qn1));
-        }
         uint32_t a[4], a_lo[4];
         ldmatrix_x4(a, sQ + (wr + (lane & 15)) * Tr::kSQ + kk + (lane >> 4) * 8);
         if constexpr (std::is_same_v<T, __half>) {
@@ -183,6 +222,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
             split_bf16(f.x, f.y, a[i], a_lo[i]);
           }
         }
+        uint32_t bn[2];
+        ldmatrix_x2_trans(bn, sC + (kk + (lane & 15)) * Tr::kSC + 2 * Tr::kBDV);
+        mma_16816<__nv_bfloat16>(acc_n, a, bn[0], bn[1]);
+        if constexpr (std::is_same_v<T, __half>) mma_16816<__nv_bfloat16>(acc_n, a_lo, bn[0], bn[1]);
         const __nv_bfloat16* c = sC + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSC + hc + (lane >> 4) * 8;
 #pragma unroll
         for (int np = 0; np < kNTH / 2; ++np) {
@@ -282,7 +325,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
     }
     bool bad = false;
     {
-      qn0 = quad_sum(qn0), qn1 = quad_sum(qn1);
+      const float qn0 = quad_sum(acc_n[0] + acc_n[1]), qn1 = quad_sum(acc_n[2] + acc_n[3]);
       const int ra = wr + g, rb = ra + 8;
       const RowNorm nr0 = row_normaliser(rowsum0 + g0 * qn0, gs.row_m[ra], gs.row_d[ra], p.eps, p.n_signed);
       const RowNorm nr1 = row_normaliser(rowsum1 + g1 * qn1, gs.row_m[rb], gs.row_d[rb], p.eps, p.n_signed);
@@ -300,6 +343,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
     const bool any_bad = __syncthreads_or(bad);
     if (k + 1 < p.NC) issue_q(k + 1);
     cp_async_commit();
+    float next_bg = 0.f, next_mi = 0.f, next_wf = 0.f;  // in flight during the update
+    if (k + 1 < p.NC) row_terms(k + 1, next_bg, next_mi, next_wf);
     if (any_bad) {
       recompute_tile_exactly<T>(p, tile, gs, wide, Tr::kBDV, [&](int d, int col) {
         const __nv_bfloat16* row = sC + d * Tr::kSC + (col - dv0);
@@ -323,6 +368,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
                            sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + sc0 + (lane >> 4) * 8,
                            w0, w1, w8, w9, dv_valid - sc0);
     }
+    // Chunk k + 1's rows, with m_{k+1}: row buffer buf ^ 1 was last read during chunk k - 1.
+    if (k + 1 < p.NC) make_rows(buf ^ 1, next_bg, next_mi, next_wf, m);
   }
 
   // ---- The last state: C (every block its tile), n (DHHV tile 0), m (tile 0, one thread). ----

@@ -14,10 +14,29 @@
 
 namespace mlstm::cuda {
 
+// The gate terms of one chunk's H rows that do not depend on the state, made for every chunk
+// at once before the fused kernel (fused_fw_gates.cu), so that its chunk loop keeps no gate scan:
+// bg, bg_lo, col_a, col_b (the column terms, as stage_gates leaves them), m_intra (L floats each),
+// then the chunk's wide flag (1 or 0) and 3 floats of padding (16-byte blocks for cp.async).
+constexpr int fused_gate_floats(int L) { return 5 * L + 4; }
+
+struct FusedGateParams {
+  const float* igate;
+  int64_t i_sb, i_sh, i_ss;
+  const float* fgate;
+  int64_t f_sb, f_sh, f_ss;
+  float* hg;           // (num_chunks, fused_gate_floats(L))
+  int64_t NH;
+  int64_t num_chunks;  // B*NH*NC
+  int L, NC;
+};
+void launch_fused_fw_gates(const FusedGateParams& p, cudaStream_t stream);
+
 struct FusedFwParams {
   HintraParams h;     // Q, K, V, gates, H, vecN, vecM, sizes, qk_scale, eps (h.C, h.n, h.m unused)
   const float* a;     // (B*NH, S): the states' a[s] (states_gates_kernel)
   const float2* gm;   // (B*NH, NC): (g_k, max_s a[s])
+  const float* hg;    // (B*NH*NC, fused_gate_floats(L)): the H rows' gate terms (fused_fw_gates.cu)
   const float* C0;    // initial states, or nullptr (zeros)
   int64_t C0_sb, C0_sh, C0_sr, C0_sc;
   const float* n0;
@@ -55,23 +74,26 @@ struct FusedFwTraits {
   // Row strides (elements): odd multiples of 16 bytes, for conflict-free ldmatrix.
   static constexpr int kSQ = kDQK + 8;      // Q and K tiles
   static constexpr int kSV = kBDV + 8;      // V tile
-  static constexpr int kSC = 2 * kBDV + 8;  // C_k as bf16 hi | lo
+  static constexpr int kSC = 2 * kBDV + 8;  // C_k as bf16 hi | lo | n_k's terms in the pad
   // Shared memory: Q (one buffer; W overwrites it per strip) | 2 x {K, V, a[kL], (g, max a),
-  // f[kL], i[kL]} | C_k hi | lo | n_k | gate scratch | row sums.
+  // pad, the chunk's gate terms (fused_gate_floats)} | C_k hi | lo | n_k terms (rows of kSC) |
+  // 2 x the rows' gate scratch (chunk k's, and chunk k + 1's made during k's state update) |
+  // row sums.
   static constexpr int kQBytes = kL * kSQ * 2;
   static constexpr int kKBytes = kL * kSQ * 2;
   static constexpr int kVBytes = kL * kSV * 2;
-  static constexpr int kABytes = (kL + 2) * 4 + 8 + 2 * kL * 4;  // a, (g, max a), pad, f and i
+  static constexpr int kHGOff = (kL + 4) * 4;                     // a, (g, max a), pad, then the terms
+  static constexpr int kABytes = kHGOff + fused_gate_floats(kL) * 4;
   static constexpr int kStageBytes = kKBytes + kVBytes + kABytes;
   static constexpr int kStageOff = kQBytes;
   static constexpr int kCOff = kStageOff + 2 * kStageBytes;
-  static constexpr int kNOff = kCOff + kDQK * kSC * 2;
-  static constexpr int kGateOff = kNOff + kDQK * 4;
-  static constexpr int kRowOff = kGateOff + kGateArrays * kL * 4;
-  static constexpr int kRSOff = kRowOff + kRowArrays * kL * 4;  // the column groups' row sums
+  static constexpr int kRowOff = kCOff + kDQK * kSC * 2;
+  static constexpr int kRowBytes = kRowArrays * kL * 4;
+  static constexpr int kRSOff = kRowOff + 2 * kRowBytes;  // the column groups' row sums
   static constexpr int kSmemBytes = kRSOff + kColGroups * kL * 4;
   static_assert((kDQK == 128 || kDQK == 256) && (kL == 64 || kL == 128), "the instances of the plan");
-  static_assert(kQBytes % 16 == 0 && kStageBytes % 16 == 0 && kABytes % 16 == 0, "16-byte regions");
+  static_assert(kQBytes % 16 == 0 && kStageBytes % 16 == 0 && kABytes % 16 == 0 && kHGOff % 16 == 0,
+                "16-byte regions");
 };
 
 // Shared memory of the instance for (dqk_cap, L) (the same for both 16-bit dtypes).

@@ -88,15 +88,110 @@ __device__ __forceinline__ GateScratch gate_scratch(unsigned char* smem, int gat
 }
 
 
+// Steps 1-2 by one warp for a chunk's positions 0..row_end-1: bg, the float64 prefix sum of
+// log_forget(f), as float + remainder, and the prefix max of i - bg into col_a (until the rows have
+// read it); lf_at(s) and i_at(s) give log_forget(f[s]) and i[s]; kStoreI also writes i into col_b
+// (the H kernels staged it there already). Returns the lane's max |bg| (and |i| with kStoreI).
+// The prefix sum is in float64: the fast exponents subtract it from i at |bg| ~ 100 (chunk_size
+// 128, f near 0), where a float32 sum's rounding would reach 1e-5 per weight and the normaliser,
+// when it cancels, passes that on to H (benchmarks/NOTES.md); a span after a -1e6 gate keeps the
+// ordinary gates.
+template <bool kStoreI, class LF, class IV>
+__device__ __forceinline__ float scan_gates_warp(const GateScratch& gs, int row_end, LF lf_at, IV i_at) {
+  const int lane = threadIdx.x % 32;
+  float big = 0.f;
+  double carry = 0.0;
+  float carry_max = -INFINITY;
+  for (int base = 0; base < row_end; base += 32) {
+    const int s = base + lane;
+    const float lf = s < row_end ? lf_at(s) : 0.f;
+    const float iv = s < row_end ? i_at(s) : 0.f;
+    const double exact = warp_inclusive_sum(static_cast<double>(lf)) + carry;
+    carry = __shfl_sync(0xffffffffu, exact, 31);
+    const SplitSum split = split_sum(exact);
+    const float bg = split.hi;
+    float pm = s < row_end ? iv - bg : -INFINITY;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const float y = __shfl_up_sync(0xffffffffu, pm, off);
+      if (lane >= off) pm = nan_max(pm, y);
+    }
+    pm = nan_max(pm, carry_max);
+    carry_max = __shfl_sync(0xffffffffu, pm, 31);
+    if (s < row_end) {
+      gs.bg[s] = bg;
+      gs.bg_lo[s] = split.lo;
+      gs.col_a[s] = pm;
+      if constexpr (kStoreI) {
+        gs.col_b[s] = iv;
+        big = fmaxf(big, fabsf(iv));
+      }
+      big = fmaxf(big, fabsf(bg));
+    }
+  }
+  return big;
+}
+
+// Step 3's intra-chunk max of row t, from the scan's arrays (col_a still the prefix max).
+__device__ __forceinline__ float m_intra_of(const GateScratch& gs, int t, bool wide) {
+  if (wide) {  // max_{s<=t} D[t, s], each D formed directly
+    float m_intra = -INFINITY;
+    for (int s = 0; s <= t; ++s) m_intra = nan_max(m_intra, span(gs, t, s) + gs.col_b[s]);
+    return nan_max(kMinimumMaxVal, m_intra);
+  }
+  return nan_max(kMinimumMaxVal, gs.bg[t] + gs.col_a[t]);
+}
+
+// Steps 3-4 of one row from its bg, m_intra and the state's m_prev: the row's exponent base a, the
+// inter-chunk weight g, its stabiliser m and frame shift delta.
+struct RowExp {
+  float a, g, m, d;
+};
+__device__ __forceinline__ RowExp row_exponents(float bg, float m_intra, float m_prev, bool wide, float qk_scale) {
+  RowExp r;
+  r.m = nan_max(bg + m_prev, m_intra);
+  r.d = fminf(kMaxShift, r.m - m_intra);
+  if (wide) {
+    r.a = (r.d - r.m) * kLog2e;
+    r.g = qk_scale * expf((bg + m_prev - r.m) + r.d);
+  } else {
+    // The intra exponents are a + log2e (i - bg), each column term as float + remainder, so a's
+    // rounding scales num and nsum alike. Where the inter term can be of their size (|m_prev|
+    // within a few gate bounds), its exponent a + log2e m_prev shares a too; beyond, it dominates
+    // or vanishes and is formed directly (exact where it dominates).
+    r.a = ((bg - r.m) + r.d) * kLog2e;
+    if (fabsf(m_prev) <= 4.f * kWideGate) {
+      const SplitSum mp = split_sum(static_cast<double>(m_prev) * kLog2eD);
+      r.g = qk_scale * exp2f((r.a + mp.hi) + mp.lo);
+    } else {
+      r.g = qk_scale * expf((bg + m_prev - r.m) + r.d);
+    }
+  }
+  return r;
+}
+
+// Step 4's column terms of key s, once the rows have read the prefix max: wide, i itself in col_a;
+// fast, log2e (i - bg) as float (col_a) + remainder (col_b).
+__device__ __forceinline__ void column_exponents(const GateScratch& gs, int s, bool wide) {
+  const float iv = gs.col_b[s];
+  if (wide) {
+    gs.col_a[s] = iv;
+  } else {
+    const SplitSum c = split_sum((static_cast<double>(iv) - (static_cast<double>(gs.bg[s]) + gs.bg_lo[s])) * kLog2eD);
+    gs.col_a[s] = c.hi;
+    gs.col_b[s] = c.lo;
+  }
+}
+
 // Steps 1-4 for query rows row0..row0+kRows-1 of one chunk, into the gate scratch. Returns
 // whether the chunk's gates are wide (block-uniform): then the exponents are formed exactly.
 // m_prev is the state's stabiliser before the chunk, gf / gi the chunk's gates with strides f_ss /
-// i_ss (the fused forward has m in a register and the gates already in shared memory).
+// i_ss.
 template <int kRows>
 __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& tile,
                                             const GateScratch& gs, float m_prev, const float* gf,
                                             int64_t f_ss, const float* gi, int64_t i_ss) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warp = threadIdx.x / 32;
   const int row_end = tile.row_end;
   // All threads fetch the gates at once (one memory round trip), then warp 0 scans in shared.
   float big = 0.f;  // max |i| and |bg| seen by this thread
@@ -108,86 +203,22 @@ __device__ __forceinline__ bool stage_gates(const HintraParams& p, const Tile& t
   }
   __syncthreads();
   if (warp == 0) {
-    // The prefix sum in float64, kept as float + remainder: the fast exponents subtract it from i
-    // at |bg| ~ 100 (chunk_size 128, f near 0), where a float32 sum's rounding would reach 1e-5
-    // per weight and the normaliser, when it cancels, passes that on to H (benchmarks/NOTES.md);
-    // a span after a -1e6 gate keeps the ordinary gates.
-    double carry = 0.0;
-    float carry_max = -INFINITY;
-    for (int base = 0; base < row_end; base += 32) {
-      const int s = base + lane;
-      const float lf = s < row_end ? gs.bg[s] : 0.f;
-      const float iv = s < row_end ? gs.col_b[s] : 0.f;
-      const double exact = warp_inclusive_sum(static_cast<double>(lf)) + carry;
-      carry = __shfl_sync(0xffffffffu, exact, 31);
-      const SplitSum split = split_sum(exact);
-      const float bg = split.hi;
-      float pm = s < row_end ? iv - bg : -INFINITY;
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const float y = __shfl_up_sync(0xffffffffu, pm, off);
-        if (lane >= off) pm = nan_max(pm, y);
-      }
-      pm = nan_max(pm, carry_max);
-      carry_max = __shfl_sync(0xffffffffu, pm, 31);
-      if (s < row_end) {
-        gs.bg[s] = bg;
-        gs.bg_lo[s] = split.lo;
-        gs.col_a[s] = pm;  // the prefix max, until the rows below have read it
-        big = fmaxf(big, fabsf(bg));
-      }
-    }
+    big = fmaxf(big, scan_gates_warp<false>(gs, row_end, [&](int s) { return gs.bg[s]; },
+                                            [&](int s) { return gs.col_b[s]; }));
   }
   // Wide chunks form every exponent from its span (rare, off the common path).
   const bool wide = __syncthreads_or(big > kWideGate);
   for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
     const int t = tile.row0 + r;
-    float ra = 0.f, gg = 0.f, mm = 0.f, dd = 0.f;
-    if (t < row_end) {
-      const float bg = gs.bg[t];
-      float m_intra;
-      if (wide) {  // max_{s<=t} D[t, s], each D formed directly
-        m_intra = -INFINITY;
-        for (int s = 0; s <= t; ++s) m_intra = nan_max(m_intra, span(gs, t, s) + gs.col_b[s]);
-        m_intra = nan_max(kMinimumMaxVal, m_intra);
-      } else {
-        m_intra = nan_max(kMinimumMaxVal, bg + gs.col_a[t]);
-      }
-      mm = nan_max(bg + m_prev, m_intra);
-      dd = fminf(kMaxShift, mm - m_intra);
-      if (wide) {
-        ra = (dd - mm) * kLog2e;
-        gg = p.qk_scale * expf((bg + m_prev - mm) + dd);
-      } else {
-        // The intra exponents are ra + log2e (i - bg), each column term as float + remainder, so
-        // ra's rounding scales num and nsum alike. Where the inter term can be of their size
-        // (|m_prev| within a few gate bounds), its exponent ra + log2e m_prev shares ra too;
-        // beyond, it dominates or vanishes and is formed directly (exact where it dominates).
-        ra = ((bg - mm) + dd) * kLog2e;
-        if (fabsf(m_prev) <= 4.f * kWideGate) {
-          const SplitSum mp = split_sum(static_cast<double>(m_prev) * kLog2eD);
-          gg = p.qk_scale * exp2f((ra + mp.hi) + mp.lo);
-        } else {
-          gg = p.qk_scale * expf((bg + m_prev - mm) + dd);
-        }
-      }
-    }
-    gs.row_a[r] = ra;
-    gs.row_g[r] = gg;
-    gs.row_m[r] = mm;
-    gs.row_d[r] = dd;
+    RowExp e{0.f, 0.f, 0.f, 0.f};
+    if (t < row_end) e = row_exponents(gs.bg[t], m_intra_of(gs, t, wide), m_prev, wide, p.qk_scale);
+    gs.row_a[r] = e.a;
+    gs.row_g[r] = e.g;
+    gs.row_m[r] = e.m;
+    gs.row_d[r] = e.d;
   }
   __syncthreads();  // the rows have read the prefix max
-  for (int s = threadIdx.x; s < row_end; s += blockDim.x) {
-    const float iv = gs.col_b[s];
-    if (wide) {
-      gs.col_a[s] = iv;
-    } else {
-      const SplitSum c = split_sum((static_cast<double>(iv) - (static_cast<double>(gs.bg[s]) + gs.bg_lo[s])) * kLog2eD);
-      gs.col_a[s] = c.hi;
-      gs.col_b[s] = c.lo;
-    }
-  }
+  for (int s = threadIdx.x; s < row_end; s += blockDim.x) column_exponents(gs, s, wide);
   __syncthreads();
   return wide;
 }
