@@ -19,9 +19,9 @@ namespace {
 // MLSTM_EXT_FUSED_FW (read at every call): "0" never, "1" wherever the kernel applies (chunk 64
 // with DHQK up to 256, chunk 128 with DHQK up to 128; any sm_80+ device with the shared memory),
 // else (default) where it measured faster than the two kernels: chunk 64 on compute capability
-// 9.x (H200, thirteenth session, against the two kernels in one process: 0.736 -> 0.579 ms at
-// (8, 16, 4096, 128, 128, 64), 2.435 -> 2.303 ms at (4, 8, 8192, 256, 512, 64); chunk 128 stays
-// 1.04x slower; benchmarks/NOTES.md).
+// 9.x (thirteenth session, against the two kernels: H200 0.736 -> 0.579 ms at (8, 16, 4096, 128,
+// 128, 64) and 2.435 -> 2.303 ms at (4, 8, 8192, 256, 512, 64), H100 2.558 -> 2.275 ms there;
+// chunk 128 stays 1.04x slower; benchmarks/NOTES.md).
 enum class FusedMode { kOff, kOn, kDefault };
 FusedMode fused_mode() {
   const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
