@@ -1,9 +1,10 @@
 """The fused forward kernel (csrc/cuda/fused_fw_kernel.cuh): chunkwise_fw in one kernel that keeps
 every chunk's C on chip (the default at chunk 64 on Hopper; MLSTM_EXT_FUSED_FW=1, set by these
-tests, runs it wherever it applies: chunk 64 up to DHQK 256, chunk 128 up to 128). Checked against the float64 chain
-(reference recurrent step, then reference H step) and against the two-kernel forward on fresh
-random inputs, with NaN-poisoned output memory; that the fused kernel actually ran (profiler);
-gradients through mlstm_chunkwise with its saved vecN / vecM. CUDA only (skips elsewhere).
+tests, runs it wherever it applies: chunk 64 up to DHQK 256, chunk 128 up to 128). Checked against
+the float64 chain (reference recurrent step, then reference H step) and against the two-kernel
+forward on fresh random inputs, with NaN-poisoned output memory; that the fused kernel actually
+ran (profiler); gradients through mlstm_chunkwise with its saved vecN / vecM. CUDA only (skips
+elsewhere).
 """
 import pytest
 import torch
