@@ -8,7 +8,8 @@ rounds, with the peak memory of one step above the inputs and the relative diffe
     python3 benchmarks/ab_env.py MLSTM_EXT_FUSED_FW --old 0 --new 1 --op forward
     python3 benchmarks/ab_env.py MLSTM_EXT_BACKWARD_WORKSPACE_MB --old 512,517,2068 --new unset
 
---old / --new: one value for every shape, or one per shape (comma list in cases.SHAPES' order);
+--old / --new: one value for every shape, or one per shape (comma list in the shapes' order);
+--shapes "B,NH,S,DHQK,DHHV,L;..." replaces cases.SHAPES;
 "unset" removes the variable. Variables read once per process (MLSTM_EXT_SM90) need two builds:
 ``bench_gpu.py --ab``. The library is the one ``import mlstm_ext`` finds. Writes a markdown table
 (card, command, date) to --out or $OUT/ab_env.md. Exit code 2 without a CUDA device.
@@ -51,6 +52,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(cs.DTYPES))
     ap.add_argument("--op", default="fwbw", choices=["fwbw", "forward"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", default=None, help='"B,NH,S,DHQK,DHHV,L;..." instead of cases.SHAPES')
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -59,6 +61,8 @@ def main() -> int:
     from mlstm_ext.reference import random_inputs
 
     shapes = cs.SHAPES
+    if args.shapes is not None:
+        shapes = [tuple(int(x) for x in sh.split(",")) for sh in args.shapes.split(";")]
     olds, news = per_shape(args.old, len(shapes)), per_shape(args.new, len(shapes))
     dtype = cs.DTYPES[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(1234)

@@ -119,15 +119,20 @@ def test_fused_gradients_match_two_kernels(fused, monkeypatch, seed):
 
 def test_fused_default_plan(monkeypatch, seed):
     """Without MLSTM_EXT_FUSED_FW: the fused kernel at chunk 64 on compute capability 9.x (where it
-    measured faster), the two kernels at chunk 128; MLSTM_EXT_FUSED_FW=0 turns it off."""
+    measured faster) where its grid of (b*h, 64 DHHV columns) blocks fills the GPU's block slots
+    (here one block per slot: two per SM at DHQK 128, one at DHQK 256), the two kernels at chunk
+    128 and for a grid of 2 blocks (it would leave the SMs idle); MLSTM_EXT_FUSED_FW=0 turns it
+    off."""
     monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    for DHQK, L, want in [(128, 64, hopper), (256, 64, hopper), (128, 128, False)]:
-        qkvif, st = make_qkvif(1, 2, 256, DHQK, 64, BF16, True, seed=seed, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for (NH, DHQK, L), want in [((2 * sms, 128, 64), hopper), ((sms, 256, 64), hopper),
+                                ((2 * sms, 128, 128), False), ((2, 128, 64), False)]:
+        qkvif, st = make_qkvif(1, NH, 256, DHQK, 64, BF16, True, seed=seed, device="cuda")
         run = lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=L)  # noqa: E731
-        assert any("fused_fw_kernel" in n for n in kernels_run(run)) == want, (DHQK, L)
+        assert any("fused_fw_kernel" in n for n in kernels_run(run)) == want, (NH, DHQK, L)
     monkeypatch.setenv("MLSTM_EXT_FUSED_FW", "0")
-    qkvif, st = make_qkvif(1, 2, 128, 128, 64, BF16, True, seed=seed, device="cuda")
+    qkvif, st = make_qkvif(1, 2 * sms, 128, 128, 64, BF16, True, seed=seed, device="cuda")
     names = kernels_run(lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=64))
     assert not any("fused_fw_kernel" in n for n in names)
 

@@ -295,8 +295,8 @@ def test_large_model_shape(split, monkeypatch):
 
 def test_chunkwise_fw_uses_these_states(monkeypatch):
     """The two-kernel forward's last states are slot NC of this op (same kernel, same numbers).
-    The fused forward (the default plan on Hopper at these sizes) makes the same state with its own
-    warp split of the sums, so it agrees to float32 rounding, not bit for bit."""
+    The fused forward (MLSTM_EXT_FUSED_FW=1) makes the same state with its own warp split of the
+    sums, so it agrees to float32 rounding, not bit for bit."""
     B, NH, S, D, L = 2, 2, 256, 64, 64
     k, v, i, f, C0, n0, m0 = make(B, NH, S, D, D, BF16, seed=59)
     q = torch.randn_like(k)

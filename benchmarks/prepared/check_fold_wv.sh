@@ -6,8 +6,9 @@
 # steps. Builds main (.ab_main) beside main + the patch (the tree, in place), then on the tree:
 # the fused forward's tests (every instance; hostile cases now at DHQK 200 too), racecheck and
 # memcheck of the three instances, the fused kernel against the two kernels in one process (is
-# chunk 128 now faster?), the forward A/Bs main -> tree (default plan and MLSTM_EXT_FUSED_FW=1),
-# the fw+bw A/B, and last the tables against Triton (default plan).
+# chunk 128 now faster?), the same on four small grids (the default plan's 80% fill rule, landed
+# untimed in the thirteenth session), the forward A/Bs main -> tree (default plan and
+# MLSTM_EXT_FUSED_FW=1), the fw+bw A/B, and last the tables against Triton (default plan).
 #   device: bash benchmarks/prepared/check_fold_wv.sh > $OUT/check.log 2>&1   (carry [".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,8 +22,7 @@ MAX_JOBS=10 STAGES=build bash benchmarks/gpu_check.sh > "$OUT/gc.log" 2>&1; echo
 grep -A2 "fused_fw" "$OUT/ptxas_resource_usage.txt" 2>/dev/null | grep -E "regs|spill" | head -8
 export PYTHONPATH=/tmp/site
 echo "== fused tests (tree) $((SECONDS - t0)) s"
-timeout 150 python3 -m pytest -q tests/test_fused_forward.py -p no:cacheprovider > "$OUT/tests.log" 2>&1; tail -1 "$OUT/tests.log"
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -10
+timeout 150 python3 -m pytest -q tests/test_fused_forward.py -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | head -20
 echo "== sanitizers (tree, the three instances) $((SECONDS - t0)) s"
 for tool in racecheck memcheck; do
   MLSTM_EXT_FUSED_FW=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 \
@@ -38,11 +38,15 @@ ab() {  # NAME OP OLD NEW [env]
 echo "== fused against the two kernels, one process (tree) $((SECONDS - t0)) s"
 left 330 && timeout 60 python3 benchmarks/ab_env.py MLSTM_EXT_FUSED_FW --old 0 --new 1 --op forward --rounds 2 \
     --out "$OUT/ab_fused_env.md" > /dev/null 2>&1; grep "^|" "$OUT/ab_fused_env.md" | head -8
-left 360 && ab ab_fw_main_tree forward "$M" "$N"
-left 390 && ab ab_fw1_main_tree forward "$M" "$N" MLSTM_EXT_FUSED_FW=1
-left 420 && ab ab_fwbw_main_tree fwbw "$M" "$N"
+echo "== the default plan's grid rule: fused against the two kernels on small grids (tree) $((SECONDS - t0)) s"
+left 350 && timeout 40 python3 benchmarks/ab_env.py MLSTM_EXT_FUSED_FW --old 0 --new 1 --op forward --rounds 2 \
+    --shapes "1,8,8192,256,512,64;2,8,8192,256,512,64;1,16,8192,128,128,64;4,16,4096,128,128,64" \
+    --out "$OUT/ab_grid.md" > /dev/null 2>&1; grep "^|" "$OUT/ab_grid.md" | head -8
+left 380 && ab ab_fw_main_tree forward "$M" "$N"
+left 410 && ab ab_fw1_main_tree forward "$M" "$N" MLSTM_EXT_FUSED_FW=1
+left 440 && ab ab_fwbw_main_tree fwbw "$M" "$N"
 echo "== tables against Triton (tree, default plan) $((SECONDS - t0)) s"
-left 470 && timeout 100 python3 benchmarks/bench_gpu.py --quick --tables forward,fwbw --out "$OUT/bench.md" > /dev/null 2>&1
+left 480 && timeout 100 python3 benchmarks/bench_gpu.py --quick --tables forward,fwbw --out "$OUT/bench.md" > /dev/null 2>&1
 grep -A6 "^| (B" "$OUT/bench.md" 2>/dev/null | head -16
 rm -f "$OUT"/ptxas* "$OUT"/build*.log "$OUT"/b_*.log "$OUT"/gc.log "$OUT"/nvidia-smi.txt "$OUT"/ab.md "$OUT"/ab.json \
       "$OUT"/bench.json "$OUT"/bench.png

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -21,13 +22,26 @@ namespace {
 // else (default) where it measured faster than the two kernels: chunk 64 on compute capability
 // 9.x (thirteenth session, against the two kernels: H200 0.736 -> 0.579 ms at (8, 16, 4096, 128,
 // 128, 64) and 2.435 -> 2.303 ms at (4, 8, 8192, 256, 512, 64), H100 2.558 -> 2.275 ms there;
-// chunk 128 stays 1.04x slower; benchmarks/NOTES.md).
+// chunk 128 stays 1.04x slower; benchmarks/NOTES.md), and only where its grid fills the GPU's
+// block slots (fills_waves).
+
 enum class FusedMode { kOff, kOn, kDefault };
 FusedMode fused_mode() {
   const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
   if (env != nullptr && std::strcmp(env, "0") == 0) return FusedMode::kOff;
   if (env != nullptr && std::strcmp(env, "1") == 0) return FusedMode::kOn;
   return FusedMode::kDefault;
+}
+
+// Whether `blocks` fill their waves of `slots` (SMs x blocks per SM) to at least 80%. Each fused
+// block walks every chunk of its (b*h, DHHV tile) in order, so its time goes by waves, while the
+// two kernels spread over the chunks and go by blocks: a grid that leaves SMs idle (batch 1 at
+// xLSTM-7B's 8 heads: 64 blocks for 132 SMs) or a last wave mostly empty runs as long as full
+// waves. The bound is an estimate from the two measured grids (both 97% full, fused 1.1x / 1.5x
+// faster); grids below it keep the two kernels, as before the fused kernel (not measured there).
+bool fills_waves(int64_t blocks, int64_t slots) {
+  const int64_t waves = (blocks + slots - 1) / slots;
+  return 5 * blocks >= 4 * waves * slots;
 }
 
 }  // namespace
@@ -48,7 +62,10 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   const int n_dvt = static_cast<int>((a.DHHV + 63) / 64);
   const int64_t blocks = a.B * a.NH * n_dvt;
   if (dev.cc_major < 8 || dev.smem_per_block_optin < smem || blocks >= INT_MAX) return false;
-  if (mode == FusedMode::kDefault && (L != 64 || dev.cc_major != 9)) return false;
+  if (mode == FusedMode::kDefault) {
+    const int per_sm = std::max(1, std::min(cuda::fused_fw_blocks_per_sm(dqk_cap, L), dev.smem_per_sm / (smem + 1024)));
+    if (L != 64 || dev.cc_major != 9 || !fills_waves(blocks, static_cast<int64_t>(dev.sm_count) * per_sm)) return false;
+  }
 
   const c10::cuda::CUDAGuard guard(f.matQ.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -103,6 +103,13 @@ inline int fused_fw_smem_bytes(int dqk_cap, int L) {
                         : FusedFwTraits<__nv_bfloat16, 256, 64>::kSmemBytes;
 }
 
+// Blocks per SM the instance for (dqk_cap, L) is built for (its launch bounds).
+inline int fused_fw_blocks_per_sm(int dqk_cap, int L) {
+  if (L == 128) return FusedFwTraits<__nv_bfloat16, 128, 128>::kMinBlocks;
+  return dqk_cap <= 128 ? FusedFwTraits<__nv_bfloat16, 128, 64>::kMinBlocks
+                        : FusedFwTraits<__nv_bfloat16, 256, 64>::kMinBlocks;
+}
+
 // Host entry points (fused_fw_bf16.cu, fused_fw_fp16.cu): (dqk_cap, L) is (128, 64), (256, 64) or
 // (128, 128).
 void launch_fused_fw_bf16(const FusedFwParams& p, int dqk_cap, int L, int64_t blocks, cudaStream_t stream);
