@@ -24,7 +24,6 @@ namespace {
 // 128, 64) and 2.435 -> 2.303 ms at (4, 8, 8192, 256, 512, 64), H100 2.558 -> 2.275 ms there;
 // chunk 128 stays 1.04x slower; benchmarks/NOTES.md), and only where its grid fills the GPU's
 // block slots (fills_waves).
-
 enum class FusedMode { kOff, kOn, kDefault };
 FusedMode fused_mode() {
   const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
