@@ -21,6 +21,7 @@ SHAPES = {  # (B, NH, S, DHQK, DHHV, L): each instance (DHQK cap 128 or 256 at c
     "1x2x192-72x100": (1, 2, 192, 72, 100, 64),
     "1x2x128-256x512": (1, 2, 128, 256, 512, 64),
     "2x1x320-200x64": (2, 1, 320, 200, 64, 64),
+    "1x2x192-200x100": (1, 2, 192, 200, 100, 64),
     "2x2x384-128x128-L128": (2, 2, 384, 128, 128, 128),
     "1x2x256-72x100-L128": (1, 2, 256, 72, 100, 128),
 }
@@ -119,15 +120,16 @@ def test_fused_gradients_match_two_kernels(fused, monkeypatch, seed):
 
 def test_fused_default_plan(monkeypatch, seed):
     """Without MLSTM_EXT_FUSED_FW: the fused kernel at chunk 64 on compute capability 9.x (where it
-    measured faster) where its grid of (b*h, 64 DHHV columns) blocks fills the GPU's block slots
-    (here one block per slot: two per SM at DHQK 128, one at DHQK 256), the two kernels at chunk
-    128 and for a grid of 2 blocks (it would leave the SMs idle); MLSTM_EXT_FUSED_FW=0 turns it
-    off."""
+    measured faster), chunk 128 too (run as chunk 64), where its grid of (b*h, 64 DHHV columns)
+    blocks fills the GPU's block slots (here one block per slot: two per SM at DHQK 128, one at
+    DHQK 256), the two kernels for a grid of 2 blocks (it would leave the SMs idle);
+    MLSTM_EXT_FUSED_FW=0 turns it off."""
     monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
     hopper = torch.cuda.get_device_capability()[0] == 9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for (NH, DHQK, L), want in [((2 * sms, 128, 64), hopper), ((sms, 256, 64), hopper),
-                                ((2 * sms, 128, 128), False), ((2, 128, 64), False)]:
+                                ((2 * sms, 128, 128), hopper), ((sms, 256, 128), hopper),
+                                ((2, 128, 64), False), ((2, 128, 128), False)]:
         qkvif, st = make_qkvif(1, NH, 256, DHQK, 64, BF16, True, seed=seed, device="cuda")
         run = lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=L)  # noqa: E731
         assert any("fused_fw_kernel" in n for n in kernels_run(run)) == want, (NH, DHQK, L)
@@ -135,6 +137,77 @@ def test_fused_default_plan(monkeypatch, seed):
     qkvif, st = make_qkvif(1, 2 * sms, 128, 128, 64, BF16, True, seed=seed, device="cuda")
     names = kernels_run(lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=64))
     assert not any("fused_fw_kernel" in n for n in names)
+
+
+@pytest.mark.parametrize("DHQK", [128, 200])
+def test_default_chunk128_runs_as_chunk64(monkeypatch, seed, DHQK):
+    """The default plan runs chunk 128 on Hopper as chunk 64 (the same function up to rounding):
+    against the float64 chain at chunk 128, and against the two kernels at chunk 128."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the default plan fuses on compute capability 9.x only")
+    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B, NH, S, DHHV, L = 1, 2 * sms if DHQK <= 128 else sms, 256, 64, 128
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    run = lambda: torch.ops.mlstm.chunkwise_fw(*qkvif, *st, chunk_size=L)  # noqa: E731
+    assert any("fused_fw_kernel" in n for n in kernels_run(run))
+    poison_allocator("cuda", 4 * B * NH * S * (DHHV + DHQK * 4))
+    got = run()
+    ref = two_kernel(monkeypatch, run)
+    for (name, tol), a, b in zip(OUTPUT_TOLS, got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert_close(a.float(), b.float(), tol, name)
+    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)  # two_kernel() left it at 1
+    sl = slice(0, 3)  # three heads against the float64 chain (CPU)
+    cpu = lambda xs: tuple(None if t is None else t[:, sl].cpu() for t in xs)  # noqa: E731
+    H, states = mlstm_ext.mlstm_chunkwise(*qkvif, *st, return_last_states=True, chunk_size=L)
+    check_against_chain((H[:, sl].cpu(), cpu(states)), cpu(qkvif), cpu(st), L, True)
+
+
+@pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
+                                  "wide_gates", "large_m"])
+def test_default_chunk128_hostile_like_two_kernels(monkeypatch, seed, case):
+    """Chunk 128 run as chunk 64 (default plan, Hopper) on hostile inputs: NaN and Inf at the two
+    kernels' places at chunk 128, finite values within bf16 rounding."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the default plan fuses on compute capability 9.x only")
+    from test_hostile import assert_like
+    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B, NH, S, DHQK, DHHV, L = 1, 2 * sms, 384, 64, 64, 128
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    x = _mutate(case, qkvif, L)
+    run = lambda: torch.ops.mlstm.chunkwise_fw(*x, *st, chunk_size=L, eps=0.0)  # noqa: E731
+    got = run()
+    ref = two_kernel(monkeypatch, run)
+    for (name, tol), a, b in zip(OUTPUT_TOLS, got, ref):
+        assert_like(a, b, tol, name)
+
+
+@pytest.mark.parametrize("case", ["plain", "huge_forget", "wide_gates"])
+def test_default_chunk128_gradients(monkeypatch, seed, case):
+    """Training at chunk 128 with the default plan: the backward (chunk 128) reads vecN and vecM
+    of the forward run as chunk 64, whose per-row m may differ from chunk 128's by rounding; the
+    gradients must stay finite and match those of the two kernels at chunk 128."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the default plan fuses on compute capability 9.x only")
+    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B, NH, S, DHQK, DHHV, L = 1, 2 * sms, 384, 64, 64, 128
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, False, seed=seed, device="cuda")
+    if case != "plain":
+        qkvif = _mutate(case, qkvif, L)
+    dH = torch.randn(B, NH, S, DHHV, device="cuda", dtype=BF16)
+
+    def grads():
+        x = [t.detach().clone().requires_grad_() for t in qkvif]
+        mlstm_ext.mlstm_chunkwise(*x, chunk_size=L).backward(dH)
+        return [t.grad for t in x]
+
+    assert any("fused_fw_kernel" in n for n in kernels_run(grads))
+    got, ref = grads(), two_kernel(monkeypatch, grads)
+    for name, a, b in zip("qkvif", got, ref):
+        assert_close(a.float(), b.float(), 2e-2, "d" + name)
 
 
 def test_fused_not_used_where_it_does_not_apply(fused, seed):
@@ -174,13 +247,13 @@ def _mutate(case, qkvif, L):
 @pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
                                   "wide_gates", "large_m"])
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
-@pytest.mark.parametrize("L", [64, 128])
-def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps, L):
+@pytest.mark.parametrize("L, DHQK", [(64, 64), (128, 64), (64, 200)], ids=["L64", "L128", "L64-d200"])
+def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps, L, DHQK):
     """Non-finite inputs, huge forget gates, wide gates, a large stabiliser with eps = 0: the fused
     forward gives the two-kernel forward's NaN and Inf at the same places (the exact recomputation
     of non-finite tiles) and its finite values within bf16 rounding."""
     from test_hostile import assert_like
-    B, NH, S, DHQK, DHHV = 1, 2, 3 * L, 64, 96
+    B, NH, S, DHHV = 1, 2, 3 * L, 96
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
     x = _mutate(case, qkvif, L)
     run = lambda: torch.ops.mlstm.chunkwise_fw(*x, *st, chunk_size=L, eps=eps)  # noqa: E731
