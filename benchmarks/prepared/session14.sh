@@ -18,18 +18,18 @@ for files in "tests/test_cuda_op.py tests/test_step_cuda.py tests/test_states_cu
              "tests/test_hostile.py tests/test_chunkwise.py tests/test_fused_forward.py" \
              "tests/test_xlstm_backend.py tests/test_integration.py tests/test_deploy.py tests/test_errors.py tests/test_states.py tests/test_step.py tests/test_cpu_op.py tests/test_build_check.py"; do
   g=$((g + 1))
-  ( timeout ${TEST_LIMIT:-270} python3 -m pytest -q $files -m cuda -p no:cacheprovider > "$OUT/pytest_g$g.log" 2>&1; echo "group $g rc=$? $((SECONDS - t0)) s: $(tail -1 "$OUT/pytest_g$g.log")" ) &
+  ( timeout ${TEST_LIMIT:-220} python3 -m pytest -q $files -m cuda -p no:cacheprovider > "$OUT/pytest_g$g.log" 2>&1; echo "group $g rc=$? $((SECONDS - t0)) s: $(tail -1 "$OUT/pytest_g$g.log")" ) &
 done
 wait
 grep -hE "^(FAILED|ERROR)" "$OUT"/pytest_g*.log | head -20
 cat "$OUT"/pytest_g*.log > "$OUT/pytest.log"; rm -f "$OUT"/pytest_g*.log
 echo "== tables against Triton (default plan) $((SECONDS - t0)) s"
-left 420 && timeout 90 python3 benchmarks/bench_gpu.py --quick --tables forward,fwbw --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+left 330 && timeout 70 python3 benchmarks/bench_gpu.py --quick --tables forward,fwbw --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 grep -A6 "^| (B" "$OUT/bench.md" 2>/dev/null | head -30
 echo "== Nsight Compute: the fused forward $((SECONDS - t0)) s"
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
 for shape in 4,8,8192,256,512,64 8,16,4096,128,128,64; do
-  left 510 || break
+  left 380 || break
   echo "-- fused_fw_kernel at $shape" | tee -a "$OUT/ncu.txt"
   timeout 45 "$ncu" --clock-control none -k regex:fused_fw_kernel --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
