@@ -14,8 +14,8 @@ export PYTHONPATH=/tmp/site
 echo "== CUDA tests, four processes $((SECONDS - t0)) s"
 g=0
 for files in "tests/test_cuda_op.py tests/test_step_cuda.py tests/test_states_cuda.py" \
-             "tests/test_backward.py tests/test_autograd.py" \
-             "tests/test_hostile.py tests/test_chunkwise.py tests/test_fused_forward.py" \
+             "tests/test_autograd.py tests/test_backward.py" \
+             "tests/test_fused_forward.py tests/test_chunkwise.py tests/test_hostile.py" \
              "tests/test_xlstm_backend.py tests/test_integration.py tests/test_deploy.py tests/test_errors.py tests/test_states.py tests/test_step.py tests/test_cpu_op.py tests/test_build_check.py"; do
   g=$((g + 1))
   ( timeout ${TEST_LIMIT:-220} python3 -m pytest -q $files -m cuda -p no:cacheprovider > "$OUT/pytest_g$g.log" 2>&1; echo "group $g rc=$? $((SECONDS - t0)) s: $(tail -1 "$OUT/pytest_g$g.log")" ) &
