@@ -22,8 +22,8 @@ namespace {
 // else (default) where it measured faster than the two kernels: chunk 64 on compute capability
 // 9.x (thirteenth session, against the two kernels: H200 0.736 -> 0.579 ms at (8, 16, 4096, 128,
 // 128, 64) and 2.435 -> 2.303 ms at (4, 8, 8192, 256, 512, 64), H100 2.558 -> 2.275 ms there;
-// chunk 128 stays 1.04x slower; benchmarks/NOTES.md), and only where its grid fills the GPU's
-// block slots (fills_waves).
+// chunk 128 runs as chunk 64, below; benchmarks/NOTES.md), and only where its grid fills the
+// GPU's block slots (fills_waves).
 enum class FusedMode { kOff, kOn, kDefault };
 FusedMode fused_mode() {
   const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
@@ -36,8 +36,9 @@ FusedMode fused_mode() {
 // block walks every chunk of its (b*h, DHHV tile) in order, so its time goes by waves, while the
 // two kernels spread over the chunks and go by blocks: a grid that leaves SMs idle (batch 1 at
 // xLSTM-7B's 8 heads: 64 blocks for 132 SMs) or a last wave mostly empty runs as long as full
-// waves. The bound is an estimate from the two measured grids (both 97% full, fused 1.1x / 1.5x
-// faster); grids below it keep the two kernels, as before the fused kernel (not measured there).
+// waves. Measured break-even (H100, fourteenth session): ~84% of a wave at DHQK 256, ~67% of the
+// slots at DHQK 128 with more blocks than SMs, ~95% of the SMs with fewer; 80% loses at most ~6%
+// between those bounds (at 48% full the fused kernel was 1.46x and 1.85x slower).
 bool fills_waves(int64_t blocks, int64_t slots) {
   const int64_t waves = (blocks + slots - 1) / slots;
   return 5 * blocks >= 4 * waves * slots;
@@ -51,7 +52,8 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   // inputs at every chunk size (each row's m is the max over the same log weights however the
   // chunks split them; every output agrees to 1e-14 in float64 between chunk 32, 64 and 128), so
   // only the rounding differs, and the chunk-64 kernel is the faster one (H200, thirteenth
-  // session: 0.579 against 0.761 ms fused at chunk 128 on the same inputs' sizes).
+  // session: 0.579 against 0.761 ms fused at chunk 128 on the same inputs' sizes; H100, fourteenth:
+// 0.744 -> 0.576 ms at (8, 16, 4096, 128, 128, 128) against the two kernels at chunk 128).
   StatesArgs a = f.states;
   if (mode == FusedMode::kDefault && a.L == 128) a.L = 64, a.NC *= 2;
   const at::ScalarType dt = f.matQ.scalar_type();
