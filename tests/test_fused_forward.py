@@ -121,14 +121,16 @@ def test_fused_gradients_match_two_kernels(fused, monkeypatch, seed):
 def test_fused_default_plan(monkeypatch, seed):
     """Without MLSTM_EXT_FUSED_FW: the fused kernel at chunk 64 on compute capability 9.x (where it
     measured faster), chunk 128 too (run as chunk 64), where its grid of (b*h, 64 DHHV columns)
-    blocks fills the GPU's block slots (here one block per slot: two per SM at DHQK 128, one at
-    DHQK 256), the two kernels for a grid of 2 blocks (it would leave the SMs idle);
+    blocks fills the GPU (here: two per SM at DHQK 128, one at DHQK 256, and one block on every
+    SM at DHQK 128, which runs faster alone), the two kernels where it would leave SMs idle (half
+    the SMs, 2 blocks);
     MLSTM_EXT_FUSED_FW=0 turns it off."""
     monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
     hopper = torch.cuda.get_device_capability()[0] == 9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for (NH, DHQK, L), want in [((2 * sms, 128, 64), hopper), ((sms, 256, 64), hopper),
                                 ((2 * sms, 128, 128), hopper), ((sms, 256, 128), hopper),
+                                ((sms, 128, 64), hopper), ((sms // 2, 128, 64), False),
                                 ((2, 128, 64), False), ((2, 128, 128), False)]:
         qkvif, st = make_qkvif(1, NH, 256, DHQK, 64, BF16, True, seed=seed, device="cuda")
         run = lambda: mlstm_ext.mlstm_chunkwise(*qkvif, *st, chunk_size=L)  # noqa: E731

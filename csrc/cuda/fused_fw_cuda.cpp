@@ -23,7 +23,7 @@ namespace {
 // 9.x (thirteenth session, against the two kernels: H200 0.736 -> 0.579 ms at (8, 16, 4096, 128,
 // 128, 64) and 2.435 -> 2.303 ms at (4, 8, 8192, 256, 512, 64), H100 2.558 -> 2.275 ms there;
 // chunk 128 runs as chunk 64, below; benchmarks/NOTES.md), and only where its grid fills the
-// GPU's block slots (fills_waves).
+// GPU's block slots (fused_pays).
 enum class FusedMode { kOff, kOn, kDefault };
 FusedMode fused_mode() {
   const char* env = std::getenv("MLSTM_EXT_FUSED_FW");
@@ -32,16 +32,20 @@ FusedMode fused_mode() {
   return FusedMode::kDefault;
 }
 
-// Whether `blocks` fill their waves of `slots` (SMs x blocks per SM) to at least 80%. Each fused
-// block walks every chunk of its (b*h, DHHV tile) in order, so its time goes by waves, while the
-// two kernels spread over the chunks and go by blocks: a grid that leaves SMs idle (batch 1 at
-// xLSTM-7B's 8 heads: 64 blocks for 132 SMs) or a last wave mostly empty runs as long as full
-// waves. Measured break-even (H100, fourteenth session): ~84% of a wave at DHQK 256, ~67% of the
-// slots at DHQK 128 with more blocks than SMs, ~95% of the SMs with fewer; 80% loses at most ~6%
-// between those bounds (at 48% full the fused kernel was 1.46x and 1.85x slower).
-bool fills_waves(int64_t blocks, int64_t slots) {
-  const int64_t waves = (blocks + slots - 1) / slots;
-  return 5 * blocks >= 4 * waves * slots;
+// Whether the fused kernel beats the two kernels on a grid of `blocks` (`per_sm` fit on an SM).
+// Each fused block walks every chunk of its (b*h, DHHV tile) in order, so its time goes by
+// waves, while the two kernels spread over the chunks and go by blocks: a grid that leaves SMs
+// idle (batch 1 at xLSTM-7B's 8 heads: 64 blocks for 132 SMs) or a last wave mostly empty runs
+// as long as full waves. Break-even measured on the H100 (fourteenth session, benchmarks/NOTES.md):
+// ~84% of a wave with one block per SM; with two per SM ~67% of the slots, but a grid of at most
+// one block per SM runs each block 1.36x faster (0.423 against 0.576 ms), so there ~95% of the SMs.
+bool fused_pays(int64_t blocks, int64_t sms, int per_sm) {
+  const auto fills = [blocks](int64_t slots, int64_t pct) {
+    const int64_t waves = (blocks + slots - 1) / slots;
+    return 100 * blocks >= pct * waves * slots;
+  };
+  if (per_sm == 1) return fills(sms, 85);
+  return blocks <= sms ? 100 * blocks >= 95 * sms : fills(per_sm * sms, 70);
 }
 
 }  // namespace
@@ -71,7 +75,7 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   if (dev.cc_major < 8 || dev.smem_per_block_optin < smem || blocks >= INT_MAX) return false;
   if (mode == FusedMode::kDefault) {
     const int per_sm = std::max(1, std::min(cuda::fused_fw_blocks_per_sm(dqk_cap, L), dev.smem_per_sm / (smem + 1024)));
-    if (L != 64 || dev.cc_major != 9 || !fills_waves(blocks, static_cast<int64_t>(dev.sm_count) * per_sm)) return false;
+    if (L != 64 || dev.cc_major != 9 || !fused_pays(blocks, dev.sm_count, per_sm)) return false;
   }
 
   const c10::cuda::CUDAGuard guard(f.matQ.device());
