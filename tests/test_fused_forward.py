@@ -38,6 +38,14 @@ def fused(monkeypatch):
     monkeypatch.setenv("MLSTM_EXT_FUSED_FW", "1")
 
 
+@pytest.fixture
+def hopper_default(monkeypatch):
+    """The default plan where it fuses (compute capability 9.x): MLSTM_EXT_FUSED_FW unset. Gives
+    the SM count (grids that fill the GPU)."""
+    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
 def kernels_run(fn):
     """Names of the CUDA kernels that fn() launched."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -142,13 +150,10 @@ def test_fused_default_plan(monkeypatch, seed):
 
 
 @pytest.mark.parametrize("DHQK", [128, 200])
-def test_default_chunk128_runs_as_chunk64(monkeypatch, seed, DHQK):
+def test_default_chunk128_runs_as_chunk64(hopper_default, monkeypatch, seed, DHQK):
     """The default plan runs chunk 128 on Hopper as chunk 64 (the same function up to rounding):
     against the float64 chain at chunk 128, and against the two kernels at chunk 128."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the default plan fuses on compute capability 9.x only")
-    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = hopper_default
     B, NH, S, DHHV, L = 1, 2 * sms if DHQK <= 128 else sms, 256, 64, 128
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
     run = lambda: torch.ops.mlstm.chunkwise_fw(*qkvif, *st, chunk_size=L)  # noqa: E731
@@ -168,14 +173,11 @@ def test_default_chunk128_runs_as_chunk64(monkeypatch, seed, DHQK):
 
 @pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
                                   "wide_gates", "large_m"])
-def test_default_chunk128_hostile_like_two_kernels(monkeypatch, seed, case):
+def test_default_chunk128_hostile_like_two_kernels(hopper_default, monkeypatch, seed, case):
     """Chunk 128 run as chunk 64 (default plan, Hopper) on hostile inputs: NaN and Inf at the two
     kernels' places at chunk 128, finite values within bf16 rounding."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the default plan fuses on compute capability 9.x only")
     from test_hostile import assert_like
-    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = hopper_default
     B, NH, S, DHQK, DHHV, L = 1, 2 * sms, 384, 64, 64, 128
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
     x = _mutate(case, qkvif, L)
@@ -187,14 +189,11 @@ def test_default_chunk128_hostile_like_two_kernels(monkeypatch, seed, case):
 
 
 @pytest.mark.parametrize("case", ["plain", "huge_forget", "wide_gates"])
-def test_default_chunk128_gradients(monkeypatch, seed, case):
+def test_default_chunk128_gradients(hopper_default, monkeypatch, seed, case):
     """Training at chunk 128 with the default plan: the backward (chunk 128) reads vecN and vecM
     of the forward run as chunk 64, whose per-row m may differ from chunk 128's by rounding; the
     gradients must stay finite and match those of the two kernels at chunk 128."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the default plan fuses on compute capability 9.x only")
-    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = hopper_default
     B, NH, S, DHQK, DHHV, L = 1, 2 * sms, 384, 64, 64, 128
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, False, seed=seed, device="cuda")
     if case != "plain":
