@@ -57,7 +57,7 @@ bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   // chunks split them; every output agrees to 1e-14 in float64 between chunk 32, 64 and 128), so
   // only the rounding differs, and the chunk-64 kernel is the faster one (H200, thirteenth
   // session: 0.579 against 0.761 ms fused at chunk 128 on the same inputs' sizes; H100, fourteenth:
-// 0.744 -> 0.576 ms at (8, 16, 4096, 128, 128, 128) against the two kernels at chunk 128).
+  // 0.744 -> 0.576 ms at (8, 16, 4096, 128, 128, 128) against the two kernels at chunk 128).
   StatesArgs a = f.states;
   if (mode == FusedMode::kDefault && a.L == 128) a.L = 64, a.NC *= 2;
   const at::ScalarType dt = f.matQ.scalar_type();
