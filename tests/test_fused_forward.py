@@ -178,16 +178,7 @@ def test_default_chunk128_runs_as_chunk64(hopper_default, monkeypatch, seed, DHQ
 def test_default_chunk128_hostile_like_two_kernels(hopper_default, monkeypatch, seed, case):
     """Chunk 128 run as chunk 64 (default plan, Hopper) on hostile inputs: NaN and Inf at the two
     kernels' places at chunk 128, finite values within bf16 rounding."""
-    from test_hostile import assert_like
-    sms = hopper_default
-    B, NH, S, DHQK, DHHV, L = 1, 2 * sms, 384, 64, 64, 128
-    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
-    x = _mutate(case, qkvif, L)
-    run = lambda: torch.ops.mlstm.chunkwise_fw(*x, *st, chunk_size=L, eps=0.0)  # noqa: E731
-    got = run()
-    ref = two_kernel(monkeypatch, run)
-    for (name, tol), a, b in zip(OUTPUT_TOLS, got, ref):
-        assert_like(a, b, tol, name)
+    _hostile_like_two_kernels(monkeypatch, seed, case, (1, 2 * hopper_default, 384, 64, 64, 128))
 
 
 @pytest.mark.parametrize("case", ["plain", "huge_forget", "wide_gates"])
@@ -247,16 +238,11 @@ def _mutate(case, qkvif, L):
     return q, k, v, i, f
 
 
-@pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
-                                  "wide_gates", "large_m"])
-@pytest.mark.parametrize("eps", [1e-6, 0.0])
-@pytest.mark.parametrize("L, DHQK", [(64, 64), (128, 64), (64, 200)], ids=["L64", "L128", "L64-d200"])
-def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps, L, DHQK):
-    """Non-finite inputs, huge forget gates, wide gates, a large stabiliser with eps = 0: the fused
-    forward gives the two-kernel forward's NaN and Inf at the same places (the exact recomputation
-    of non-finite tiles) and its finite values within bf16 rounding."""
+def _hostile_like_two_kernels(monkeypatch, seed, case, shape, eps=0.0):
+    """chunkwise_fw on inputs mutated by `case`, as the environment picks it, against the two
+    kernels: NaN and Inf at the same places, finite values within bf16 rounding."""
     from test_hostile import assert_like
-    B, NH, S, DHHV = 1, 2, 3 * L, 96
+    B, NH, S, DHQK, DHHV, L = shape
     qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
     x = _mutate(case, qkvif, L)
     run = lambda: torch.ops.mlstm.chunkwise_fw(*x, *st, chunk_size=L, eps=eps)  # noqa: E731
@@ -265,3 +251,14 @@ def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps, L, 
     ref = two_kernel(monkeypatch, run)
     for (name, tol), a, b in zip(OUTPUT_TOLS, got, ref):
         assert_like(a, b, tol, name)
+
+
+@pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
+                                  "wide_gates", "large_m"])
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+@pytest.mark.parametrize("L, DHQK", [(64, 64), (128, 64), (64, 200)], ids=["L64", "L128", "L64-d200"])
+def test_fused_hostile_like_two_kernels(fused, monkeypatch, seed, case, eps, L, DHQK):
+    """Non-finite inputs, huge forget gates, wide gates, a large stabiliser with eps = 0: the fused
+    forward gives the two-kernel forward's NaN and Inf at the same places (the exact recomputation
+    of non-finite tiles) and its finite values within bf16 rounding."""
+    _hostile_like_two_kernels(monkeypatch, seed, case, (1, 2, 3 * L, DHQK, 96, L), eps)
