@@ -10,7 +10,8 @@
 # after the other, and max(skiph, skipu) is what a block that overlaps them (state warps one chunk
 # ahead of H warps) could reach; at 256 blocks (two per SM at DHQK 128) the same shows what
 # co-residency already overlaps. Forced fused kernel (MLSTM_EXT_FUSED_FW=1), one process per build.
-#   device: bash benchmarks/prepared/probe_chain.sh > $OUT/probe.log 2>&1   (~5 minutes)
+#   device: bash benchmarks/prepared/probe_chain.sh > $OUT/probe.log 2>&1   (~5 minutes; carry [".whl"])
+#   TABLES=1: then the forward and forward + backward tables against Triton (default plan, ~70 s).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; t0=$SECONDS
@@ -36,5 +37,10 @@ for v in main skiph skipu; do
       --old 1 --new 1 --op forward --rounds 2 --shapes "$S" --out "$OUT/t_$v.md" > /dev/null 2>&1
   echo "== $v ($lib) $((SECONDS - t0)) s"; grep -E "^\| \(" "$OUT/t_$v.md" | cut -d'|' -f2,6,7
 done
+if [ "${TABLES:-0}" = 1 ]; then
+  echo "== tables against Triton (default plan) $((SECONDS - t0)) s"
+  timeout 100 python3 benchmarks/bench_gpu.py --quick --tables forward,fwbw --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep -A6 "^| (B" "$OUT/bench.md" 2>/dev/null | head -24
+fi
 rm -f "$OUT"/ptxas* "$OUT"/build*.log "$OUT"/nvidia-smi.txt "$OUT"/gc.log
 echo "== end $((SECONDS - t0)) s"
