@@ -1,11 +1,11 @@
 """The backward op alone on CUDA: the fused kernels against the batched-GEMM path
 (MLSTM_EXT_FUSED_BACKWARD=0), alternated in one process, with the relative difference of every
-gradient between the two and, with --profile N, a kernel profile of the fused path at shape N
-(as mlstm_chunkwise runs it: nsum from the forward). Timed beside them: the fused path given the
+gradient between the two and, with --profile N[,N...], a kernel profile of the fused path at
+those shape indices (as mlstm_chunkwise runs it: nsum from the forward). Timed beside them: the fused path given the
 forward's signed nsum (vecN_signed, what mlstm_chunkwise runs: bw_pre skips S = Q K^T and q . n_k)
 and the fused path in the normaliser-constant convention (skips bw_pre's whole exact-mode half).
 
-    python3 benchmarks/bench_backward.py [--profile 0]
+    python3 benchmarks/bench_backward.py [--profile 0,2]
 """
 import argparse
 import os
@@ -32,8 +32,9 @@ def time_ms(fn, reps=7):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", type=int, default=-1, help="profile the fused path at this shape index")
+    p.add_argument("--profile", default="", help="profile the fused path at these shape indices (comma list)")
     args = p.parse_args()
+    profile_at = {int(x) for x in args.profile.split(",") if x.strip()}
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
     print("| (B, NH, S, DHQK, DHHV, L) | dtype | batched-GEMM path ms | fused ms | speed-up | fused, nsum from the "
           "forward ms | fused, normaliser constant ms | rel dQ/dK/dV/dI/dF | nsum vs den, rel |")
@@ -69,7 +70,7 @@ def main():
         old, new, sg, nc = (min(ms[m]) for m in ("0", "1", "s", "nc"))
         print(f"| {(B, NH, S, DQ, DV, L)} | bf16 | {old:.3f} | {new:.3f} | {old / new:.1f}x | {sg:.3f} | {nc:.3f} | "
               f"{rel(grads['1'], grads['0'])} | {rel(grads['s'], grads['1'])} |", flush=True)
-        if si == args.profile:
+        if si in profile_at:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 bwd(signed=True)

@@ -81,6 +81,8 @@ struct FusedBackwardTensors {
   at::Tensor dQ, dK, dV, dI, dF;            // bw_post's outputs
 };
 bool fused_backward_cuda_usable(const BackwardArgs& a);
+// The arguments with the chunk size the fused kernels run fastest at (bw_cuda.cpp), or as given.
+BackwardArgs planned_backward_chunk(const BackwardArgs& a);
 void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, bool post);
 #endif
 

@@ -39,7 +39,7 @@ struct CudaBackend {
   static void states(const StatesArgs& a, at::Tensor& C, at::Tensor& n, at::Tensor& m) { states_cuda(a, C, n, m); }
   static void backward(const BackwardArgs& a, BackwardOutputs& out) {
     check_not_float64_on_cuda("chunkwise_bw", "matQ", a.fw.matQ);
-    chunkwise_bw_compute(a, &states_cuda, out);
+    chunkwise_bw_compute(planned_backward_chunk(a), &states_cuda, out);
   }
   static void step(const StepArgs& a, StepOutputs& out) { step_cuda(a, out); }
   static bool fused_forward(const ForwardArgs& f, ForwardOutputs& out) { return fused_forward_cuda(f, out); }

@@ -25,6 +25,30 @@ bool fused_backward_cuda_usable(const BackwardArgs& a) {
          s.NC > 0 && s.NC < (int64_t(1) << 30) && a.matDeltaH.defined() && (!a.exact || a.matH.defined());
 }
 
+// The chunk size the backward runs at. Like the forward (fused_fw_cuda.cpp), the backward is the
+// same function of its inputs at every chunk size dividing S: vecN and vecM are per position and
+// agree between chunk sizes up to rounding, so the forward's outputs at one chunk size serve the
+// backward at another. MLSTM_EXT_BW_CHUNK (read at every call): "keep" the caller's, "64" or
+// "128" where the fused kernels serve both sizes, else (default) the plan: chunk 128 at DHQK >
+// 128 where the forward gave nsum (vecN_signed, as mlstm_chunkwise runs it). There half as many
+// states (the recompute, the reverse scan and bw_post's C_k and G_{k+1} move half the bytes)
+// outweigh the L x L work that doubles: H100, (4, 8, 8192, 256, 512) 5.47 -> 4.54 ms, and a third
+// less peak memory (benchmarks/chunk_choice.py; NOTES.md, "Sixteenth session"). At DHQK <= 128
+// chunk 64 was 3% faster than 128 but held 28% more memory, over Triton's peak: not taken. Given
+// den, the backward forms nsum again from its own products to learn the branch of
+// max(|nsum|, e^-m); that stays at the chunk size it was tested at.
+BackwardArgs planned_backward_chunk(const BackwardArgs& a) {
+  const char* env = std::getenv("MLSTM_EXT_BW_CHUNK");
+  if (env != nullptr && std::strcmp(env, "keep") == 0) return a;
+  const StatesArgs& s = a.fw.states;
+  int64_t L = a.fw.vecN_signed && s.DHQK > 128 ? 128 : s.L;
+  if (env != nullptr && (std::strcmp(env, "64") == 0 || std::strcmp(env, "128") == 0)) L = std::atoi(env);
+  if (L == s.L || s.S % L != 0 || !fused_backward_cuda_usable(a)) return a;
+  BackwardArgs b = a;
+  b.fw.states.L = L, b.fw.states.NC = s.S / L;
+  return fused_backward_cuda_usable(b) ? b : a;
+}
+
 void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, bool post) {
   const StatesArgs& s = a.fw.states;
   auto f = [](const at::Tensor& x) { return x.data_ptr<float>(); };
