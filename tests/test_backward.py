@@ -94,6 +94,30 @@ def test_float64_matches_reference(seed, grad_mode, shape, init, signed):
     check_all(got, reference_grads(qkvif, st, dH, dC, dN, L, grad_mode), 1e-10, grad_mode, atol=1e-14)
 
 
+@pytest.mark.parametrize("L_fw,L_bw", [(4, 8), (8, 4), (16, 2)])
+@pytest.mark.parametrize("case", ["plain", "wide", "huge"])
+@SIGNED
+def test_backward_at_another_chunk_than_the_forward(seed, L_fw, L_bw, case, signed):
+    """SPEC.md: the forward's vecN and vecM are per position and the same at every chunk size, so
+    the backward may run at any chunk size dividing S (the CUDA plan runs chunk 128 after a chunk-64
+    forward). float64 on the CPU: the backward at L_bw on the outputs of the forward at L_fw equals
+    float64 autograd through the chain, on ordinary and hostile gates."""
+    B, NH, S, DHQK, DHHV = 1, 2, 16, 6, 5
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, F64, True, seed=seed)
+    q, k, v, i, f = (t.to(F64) for t in qkvif)
+    if case == "wide":
+        i, f = 8 * i, 6 * f - 15
+    elif case == "huge":
+        f = f.clone()
+        f[:, :, 3], f[:, :, 9] = -1e30, -1e12
+    qkvif, st = (q, k, v, i, f), tuple(None if t is None else t.to(F64) for t in st)
+    dH, dC, dN = (cot(s, seed + j).to(F64) for j, s in enumerate(
+        [(B, NH, S, DHHV), (B, NH, DHQK, DHHV), (B, NH, DHQK)]))
+    out = fw(*qkvif, *st, chunk_size=L_fw, vecN_signed=signed)
+    got = bw(*qkvif, *st, out[0], out[4], out[5], dH, dC, dN, chunk_size=L_bw, vecN_signed=signed)
+    check_all(got, reference_grads(qkvif, st, dH, dC, dN, L_bw, "exact"), 1e-9, f"fw {L_fw} bw {L_bw}", atol=1e-12)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_signed_vecN_is_nsum(seed, device, dtype):
