@@ -1,9 +1,10 @@
 """The backward op alone on CUDA: the fused kernels against the batched-GEMM path
 (MLSTM_EXT_FUSED_BACKWARD=0), alternated in one process, with the relative difference of every
 gradient between the two and, with --profile N[,N...], a kernel profile of the fused path at
-those shape indices (as mlstm_chunkwise runs it: nsum from the forward). Timed beside them: the fused path given the
-forward's signed nsum (vecN_signed, what mlstm_chunkwise runs: bw_pre skips S = Q K^T and q . n_k)
-and the fused path in the normaliser-constant convention (skips bw_pre's whole exact-mode half).
+those shape indices (as mlstm_chunkwise runs it: nsum from the forward). Timed beside them: the
+fused path given the forward's signed nsum (vecN_signed, what mlstm_chunkwise runs: bw_pre skips
+S = Q K^T and q . n_k) and the fused path in the normaliser-constant convention (skips bw_pre's
+whole exact-mode half).
 
     python3 benchmarks/bench_backward.py [--profile 0,2]
 """

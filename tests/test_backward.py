@@ -272,16 +272,23 @@ def test_no_double_backward(seed):
 CUDA_TOL = {F32: 2e-5, BF16: 3e-2, F16: 8e-3}
 
 
-def cuda_case(shape, dtype, grad_mode, seed):
-    """Random inputs with initial states and incoming gradients of every output: run_bw's
-    arguments on CUDA, and the float64 reference gradients (CPU)."""
+def cuda_case_with_gates(shape, dtype, grad_mode, seed, case="plain"):
+    """Random inputs with initial states and incoming gradients of every output, the gates made
+    hostile by hostile_gates(case): run_bw's arguments on CUDA, its eps, and the float64
+    reference gradients (CPU)."""
     B, NH, S, DHQK, DHHV, L = shape
-    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, dtype, True, seed=seed)
+    qkvif, st, eps = hostile_gates(case, *make_qkvif(B, NH, S, DHQK, DHHV, dtype, True, seed=seed))
     dH = cot((B, NH, S, DHHV), seed, dtype=dtype)
     dC, dN = cot((B, NH, DHQK, DHHV), seed + 1), cot((B, NH, DHQK), seed + 2)
-    want = reference_grads(qkvif, st, dH, dC, dN, L, grad_mode)
+    want = reference_grads(qkvif, st, dH, dC, dN, L, grad_mode, eps=eps)
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
     args = ([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), cuda(dC), cuda(dN), L, grad_mode)
+    return args, eps, want
+
+
+def cuda_case(shape, dtype, grad_mode, seed):
+    """cuda_case_with_gates with ordinary gates (eps: run_bw's default): (args, reference)."""
+    args, _, want = cuda_case_with_gates(shape, dtype, grad_mode, seed)
     return args, want
 
 
@@ -491,16 +498,8 @@ def bw_post_chunks(fn):
 
 
 def hostile_case(case, seed):
-    """(args for run_bw, eps, float64 gradients) of hostile_gates(case) at (1, 2, 256, 256, 128,
-    64), with initial states and incoming gradients of H and of the last states."""
-    B, NH, S, DHQK, DHHV, L = 1, 2, 256, 256, 128, 64
-    qkvif, st, eps = hostile_gates(case, *make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed))
-    dH = cot((B, NH, S, DHHV), seed, dtype=BF16)
-    dC, dN = cot((B, NH, DHQK, DHHV), seed + 1), cot((B, NH, DHQK), seed + 2)
-    want = reference_grads(qkvif, st, dH, dC, dN, L, "exact", eps=eps)
-    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
-    args = ([cuda(t) for t in qkvif], [cuda(t) for t in st], cuda(dH), cuda(dC), cuda(dN), L, "exact")
-    return args, eps, want
+    """cuda_case_with_gates at (1, 2, 256, 256, 128, 64), bf16, exact: (args, eps, reference)."""
+    return cuda_case_with_gates((1, 2, 256, 256, 128, 64), BF16, "exact", seed, case)
 
 
 @requires_cuda
