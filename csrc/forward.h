@@ -44,6 +44,9 @@ HintraArgs hintra_args_for_forward(const ForwardArgs& f, const at::Tensor& matC_
 // and the plan picks it (MLSTM_EXT_FUSED_FW: 0 never, 1 wherever it applies, default where it
 // measured faster); else returns false and the op runs the two kernels.
 bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out);
+// Where the fused kernel did not run: the arguments with the chunk size the two kernels run at
+// (fused_fw_cuda.cpp), or as given.
+ForwardArgs planned_two_step_chunk(const ForwardArgs& f);
 #endif
 
 }  // namespace mlstm

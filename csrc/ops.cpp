@@ -30,6 +30,7 @@ struct CpuBackend {
   static void backward(const BackwardArgs& a, BackwardOutputs& out) { chunkwise_bw_compute(a, &states_cpu, out); }
   static void step(const StepArgs& a, StepOutputs& out) { step_cpu(a, out); }
   static bool fused_forward(const ForwardArgs&, ForwardOutputs&) { return false; }
+  static ForwardArgs two_step_plan(const ForwardArgs& f) { return f; }
 };
 
 #ifdef MLSTM_EXT_WITH_CUDA
@@ -43,6 +44,7 @@ struct CudaBackend {
   }
   static void step(const StepArgs& a, StepOutputs& out) { step_cuda(a, out); }
   static bool fused_forward(const ForwardArgs& f, ForwardOutputs& out) { return fused_forward_cuda(f, out); }
+  static ForwardArgs two_step_plan(const ForwardArgs& f) { return planned_two_step_chunk(f); }
 };
 #else
 struct CudaBackend {
@@ -57,6 +59,7 @@ struct CudaBackend {
   static void backward(const BackwardArgs&, BackwardOutputs&) { missing(); }
   static void step(const StepArgs&, StepOutputs&) { missing(); }
   static bool fused_forward(const ForwardArgs&, ForwardOutputs&) { return false; }
+  static ForwardArgs two_step_plan(const ForwardArgs& f) { return f; }
 };
 #endif
 
@@ -68,6 +71,7 @@ struct MetaBackend {
   static void backward(const BackwardArgs&, BackwardOutputs&) {}
   static void step(const StepArgs&, StepOutputs&) {}
   static bool fused_forward(const ForwardArgs&, ForwardOutputs&) { return false; }
+  static ForwardArgs two_step_plan(const ForwardArgs& f) { return f; }
 };
 
 // Forward-mode AD (torch.func.jvp, forward_ad.make_dual): no op of the library has a tangent
@@ -149,10 +153,11 @@ ForwardOutputs chunkwise_fw(const at::Tensor& matQ, const at::Tensor& matK, cons
   const ForwardArgs f = check_forward_args(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial,
                                            scaM_initial, qk_scale, chunk_size, eps, grad_mode, vecN_signed);
   if (ForwardOutputs fused; Backend::fused_forward(f, fused)) return fused;
-  auto [matC_all, vecN_all, scaM_all] = run_states<Backend>(f.states);
-  auto [matH, vecN, vecM] = run_hintra<Backend>(hintra_args_for_forward(f, matC_all, vecN_all, scaM_all));
+  const ForwardArgs g = Backend::two_step_plan(f);
+  auto [matC_all, vecN_all, scaM_all] = run_states<Backend>(g.states);
+  auto [matH, vecN, vecM] = run_hintra<Backend>(hintra_args_for_forward(g, matC_all, vecN_all, scaM_all));
   // The last slot, copied so that the (NC+1)-slot buffers are freed here.
-  const int64_t NC = f.states.NC, DHQK = f.states.DHQK;
+  const int64_t NC = g.states.NC, DHQK = g.states.DHQK;
   return {matH, matC_all.narrow(2, NC * DHQK, DHQK).clone(), vecN_all.narrow(2, NC * DHQK, DHQK).clone(),
           scaM_all.select(2, NC).clone(), vecN, vecM};
 }

@@ -173,6 +173,33 @@ def test_default_chunk128_runs_as_chunk64(hopper_default, monkeypatch, seed, DHQ
     check_against_chain((H[:, sl].cpu(), cpu(states)), cpu(qkvif), cpu(st), L, True)
 
 
+@pytest.mark.parametrize("DHQK", [128, 256])
+def test_default_two_kernels_run_chunk64_as_128(hopper_default, monkeypatch, seed, DHQK):
+    """Where the fused kernel does not run (a grid that leaves SMs idle), the default plan runs
+    the two kernels of chunk 64 at chunk 128 when S allows (planned_two_step_chunk): bit for bit
+    what MLSTM_EXT_FUSED_FW=0 gives at chunk 128, within rounding of it at chunk 64, and against the
+    float64 chain at chunk 64. S = 320 (no multiple of 128) keeps chunk 64."""
+    B, NH, S, DHHV = 1, 2, 256, 64
+    qkvif, st = make_qkvif(B, NH, S, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    run = lambda L: torch.ops.mlstm.chunkwise_fw(*qkvif, *st, chunk_size=L)  # noqa: E731
+    assert not any("fused_fw_kernel" in n for n in kernels_run(lambda: run(64)))
+    poison_allocator("cuda", 4 * B * NH * S * (DHHV + DHQK * 4))
+    got = run(64)
+    at128, at64 = two_kernel(monkeypatch, lambda: run(128)), two_kernel(monkeypatch, lambda: run(64))
+    for (name, tol), a, b, c in zip(OUTPUT_TOLS, got, at128, at64):
+        assert torch.equal(a, b), name
+        assert_close(a.float(), c.float(), tol, name)
+    assert any(not torch.equal(a, c) for a, c in zip(got, at64))  # the plan did run chunk 128
+    monkeypatch.delenv("MLSTM_EXT_FUSED_FW", raising=False)  # two_kernel() left it at 0
+    cpu = lambda xs: tuple(None if t is None else t.cpu() for t in xs)  # noqa: E731
+    H, states = mlstm_ext.mlstm_chunkwise(*qkvif, *st, return_last_states=True, chunk_size=64)
+    check_against_chain((H.cpu(), cpu(states)), cpu(qkvif), cpu(st), 64, True)
+    x, s320 = make_qkvif(B, NH, 320, DHQK, DHHV, BF16, True, seed=seed, device="cuda")
+    got = torch.ops.mlstm.chunkwise_fw(*x, *s320, chunk_size=64)
+    ref = two_kernel(monkeypatch, lambda: torch.ops.mlstm.chunkwise_fw(*x, *s320, chunk_size=64))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
 @pytest.mark.parametrize("case", ["nan_v", "inf_k", "nan_q", "nan_f", "inf_i", "huge_forget",
                                   "wide_gates", "large_m"])
 def test_default_chunk128_hostile_like_two_kernels(hopper_default, monkeypatch, seed, case):

@@ -50,6 +50,23 @@ bool fused_pays(int64_t blocks, int64_t sms, int per_sm) {
 
 }  // namespace
 
+// The two kernels' chunk size where the fused kernel did not run (default plan, 16-bit inputs on
+// Hopper): chunk 64 runs as chunk 128 where S allows, the same function up to rounding (above).
+// The H step and the states at 128 hold and move half the states: H100, sixteenth session,
+// 1.492 -> 1.407 ms at (1, 8, 16384, 256, 512) (batch 1 at xLSTM-7B's heads, where the fused
+// kernel leaves SMs idle) and 0.847 -> 0.746 at (8, 16, 4096, 128, 128) (benchmarks/chunk_choice.py).
+ForwardArgs planned_two_step_chunk(const ForwardArgs& f) {
+  const StatesArgs& s = f.states;
+  const at::ScalarType dt = f.matQ.scalar_type();
+  if (fused_mode() != FusedMode::kDefault || s.L != 64 || s.S % 128 != 0 || (dt != at::kBFloat16 && dt != at::kHalf) ||
+      cuda::device_facts(f.matQ.get_device()).cc_major != 9) {
+    return f;
+  }
+  ForwardArgs g = f;
+  g.states.L = 128, g.states.NC = s.S / 128;
+  return g;
+}
+
 bool fused_forward_cuda(const ForwardArgs& f, ForwardOutputs& out) {
   const FusedMode mode = fused_mode();
   // The default plan runs chunk 128 as chunk 64: the chunkwise forward is the same function of its
