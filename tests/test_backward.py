@@ -364,25 +364,31 @@ def test_cuda_fused_matches_unfused_and_float64(seed, dtype, grad_mode, shape, s
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", FUSED_SHAPES + [(1, 2, 128, 192, 64, 64)], ids=str)
+@pytest.mark.parametrize("shape", FUSED_SHAPES + [(1, 2, 128, 192, 64, 64), (1, 2, 256, 192, 192, 128)], ids=str)
 def test_cuda_bw_post_pipelines_agree(seed, shape, monkeypatch):
     """bw_post with its copies issued ahead (default: the two grams as one pipeline at L = 128,
-    each state product issuing the next one's tiles) gives the same gradients as with every copy
-    waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only): the products are
-    the same, in the same order; only when their tiles arrive differs. Not the same bits: bw_post's
-    column sums are float atomics from every warp that covers a key, whose order (and so dI's, dF's
-    last bits) varies from run to run at any level; a tile read from the wrong buffer would be off
-    by O(1)."""
+    the state products' steps through a ring with all it holds in flight) gives the same gradients
+    as with every copy waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only)
+    and as with fewer steps in flight (MLSTM_EXT_BW_AHEAD=1, 2): the products are the same, in the
+    same order; only when their tiles arrive differs. The shapes take products of fewer steps than
+    are in flight (DHHV 64: one), as many (DHQK = DHHV = 192 at L = 128: three) and more. Not the
+    same bits: bw_post's column sums are float atomics from every warp that covers a key, whose
+    order (and so dI's, dF's last bits) varies from run to run at any level; a tile read from the
+    wrong slot would be off by O(1)."""
     args, _ = cuda_case(shape, BF16, "exact", seed)
     junk = torch.full((256 << 20,), float("nan"), device="cuda")
     del junk
     got = run_bw(*args, signed=True)
-    for level in ("0", "1"):
-        monkeypatch.setenv("MLSTM_EXT_BW_PIPELINE", level)
+    for var, level in (("MLSTM_EXT_BW_PIPELINE", "0"), ("MLSTM_EXT_BW_PIPELINE", "1"),
+                       ("MLSTM_EXT_BW_AHEAD", "1"), ("MLSTM_EXT_BW_AHEAD", "2")):
+        monkeypatch.setenv(var, level)
+        junk = torch.full((256 << 20,), float("nan"), device="cuda")
+        del junk
         plain = run_bw(*args, signed=True)
+        monkeypatch.delenv(var)
         for name, a, b in zip(GRADS, got, plain):
-            assert torch.isfinite(a).all(), f"{name} (level {level})"
-            assert rel_norm_err(a.double().cpu(), b.double().cpu()) <= 1e-6, f"{name} (level {level})"
+            assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{name} ({var}={level})"
+            assert rel_norm_err(a.double().cpu(), b.double().cpu()) <= 1e-6, f"{name} ({var}={level})"
 
 
 @requires_cuda

@@ -24,8 +24,8 @@ echo "tests done $((SECONDS - t0)) s"
 timeout 60 python3 benchmarks/chunk_choice.py --shapes "${CHUNK_SHAPES:-1,8,16384,256,512;1,16,8192,128,128;4,8,8192,256,512}" \
     > "$OUT/chunk.md" 2>&1; echo "chunk_choice rc=$? $((SECONDS - t0)) s"; tail -12 "$OUT/chunk.md"
 if [ "${TABLES:-0}" = 1 ]; then
-  timeout 120 python3 benchmarks/bench_gpu.py --quick --tables fwbw --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
-  echo "bench rc=$? $((SECONDS - t0)) s"; grep -A6 "^| (B" "$OUT/bench.md" 2>/dev/null | head -7
+  timeout 200 python3 benchmarks/bench_gpu.py --quick --tables "${TABLE_LIST:-fwbw}" --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$? $((SECONDS - t0)) s"; grep -A6 "^| (B" "$OUT/bench.md" 2>/dev/null | head -16
 fi
 rm -f "$OUT"/ptxas* "$OUT"/nvidia-smi.txt "$OUT"/gc.log "$OUT"/build.log
 echo "== end $((SECONDS - t0)) s"

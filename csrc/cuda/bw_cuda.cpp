@@ -2,6 +2,7 @@
 // the arguments, and the parameters of one launch on the caller's stream.
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -16,7 +17,7 @@ bool fused_backward_cuda_usable(const BackwardArgs& a) {
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const StatesArgs& s = a.fw.states;
   const at::ScalarType in = a.fw.matQ.scalar_type();
-  // bw_post at L = 128 takes ~175 KB of shared memory: Hopper has it, an A100 (163 KB) does not.
+  // bw_post at L = 128 takes 218 KB of shared memory: Hopper has it, an A100 (163 KB) does not.
   return a.fw.matQ.is_cuda() && (in == at::kBFloat16 || in == at::kHalf) &&
          (s.L == 64 || s.L == 128) &&
          cuda::bw_fits(static_cast<int>(s.L), cuda::device_facts(a.fw.matQ.get_device()).smem_per_block_optin) &&
@@ -74,11 +75,14 @@ void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, b
   p.n_signed = a.fw.vecN_signed;
   // MLSTM_EXT_BW_PIPELINE (read at every call, for A/B in one process): 0 = bw_post's grams and
   // state products each wait for their own tiles with nothing in flight (as before the pipelines),
-  // 1 = the grams pipelined only, unset or 2 = both.
+  // 1 = the grams pipelined only, unset or 2 = both. MLSTM_EXT_BW_AHEAD = 1 .. kStages - 1 sets
+  // how many state-product steps are in flight at level 2 (default: all the ring holds).
   const char* pipe = std::getenv("MLSTM_EXT_BW_PIPELINE");
   const int level = pipe == nullptr ? 2 : std::atoi(pipe);
+  const int max_ahead = cuda::bw_max_ahead(p.L);
+  const char* ahead = std::getenv("MLSTM_EXT_BW_AHEAD");
   p.grams_pipelined = level >= 1;
-  p.chain_states = level >= 2;
+  p.ahead = level < 2 ? 0 : ahead == nullptr ? max_ahead : std::clamp(std::atoi(ahead), 1, max_ahead);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (a.fw.matQ.scalar_type() == at::kBFloat16) {
     cuda::launch_bw_bf16(p, post, stream);

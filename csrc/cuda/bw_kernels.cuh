@@ -202,67 +202,92 @@ __device__ __forceinline__ void chunk_grams_pipelined(float (&hv)[PostWarps<L>::
   }
 }
 
-// One product of rows_by_state: its n steps multiply the (L, kBwTile) tile X_i = x + i x_step (row
-// stride x_ld) by the kBwTile x kBwTile 16-bit block M_i = m + i m_step (row stride m_ld) of a
-// state or its gradient.
-template <typename T>
-struct StateProduct {
-  const T* x;
-  int64_t x_step, x_ld;
-  const T* m;
-  int64_t m_step, m_ld;
-  int n;
+// The state products of bw_post as one stream of steps through the ring of PostSmem<L>::kStages
+// slots (sX, sM). Step j's tiles are an (L, 64) tile X_j of dH, V or K and a 64 x 64 block M_j of
+// C_k or G_{k+1}; the products take consecutive steps in the order they run: per DQ tile d0,
+// dH C_k^T and V G_{k+1}^T over the DHHV blocks (nD steps each), then per DV tile e0, K G_{k+1}
+// over the DHQK blocks (nQ steps). Step j sits in slot j % kStages.
+//
+// `ahead` = D: step j + D is issued (one cp.async group) as step j begins, before its wait, so
+// D + 1 steps are in flight while step j's tiles land, across the products' boundaries and the
+// epilogues between them. Its slot last held step j + D - kStages: for D <= kStages - 2 that step
+// was multiplied before the barrier of step j - 1, which every warp issuing has passed; for
+// D = kStages - 1 it is step j - 1, so each step ends with a barrier. D = 0: each step's tiles are
+// issued and waited for with nothing in flight.
+template <typename T, int L>
+struct StateStream {
+  static constexpr int kStages = PostSmem<L>::kStages;
+  const T *dH, *V, *K, *C_k, *G_k;
+  int DQ, DV, nQ, nD, n_dq, n_all;  // n_dq: the steps of the DQ loop's products
+  int ahead;
+  T *sX, *sM;
+  int next;  // the next step to multiply
+
+  // Issues step j (an empty group past the last step, so that the waits count alike).
+  __device__ __forceinline__ void issue(int j) const {
+    if (j >= n_all) {
+      cp_async_commit();
+      return;
+    }
+    const T *x, *m;
+    int x_ld;
+    if (j < n_dq) {  // product 2 d0/64 (dH C_k^T) or 2 d0/64 + 1 (V G_{k+1}^T), DHHV block i
+      const int prod = j / nD, i = j - prod * nD;
+      const int64_t d0 = static_cast<int64_t>(prod >> 1) * kBwTile;
+      x = ((prod & 1) ? V : dH) + i * kBwTile, x_ld = DV;
+      m = ((prod & 1) ? G_k : C_k) + d0 * DV + i * kBwTile;
+    } else {  // K G_{k+1} for DV tile e0 = prod * 64, DHQK block i
+      const int jj = j - n_dq, prod = jj / nQ, i = jj - prod * nQ;
+      x = K + i * kBwTile, x_ld = DQ;
+      m = G_k + static_cast<int64_t>(i) * kBwTile * DV + prod * kBwTile;
+    }
+    constexpr int kThreads = PostWarps<L>::kThreads;
+    const int slot = j % kStages;
+    load_tile<T, L, L, kThreads>(sX + slot * L * kLd, x, x_ld);
+    load_tile<T, L, kBwTile, kThreads>(sM + slot * kBwTile * kLd, m, DV);
+    cp_async_commit();
+  }
+
+  // Steps 0 .. D - 1, before the first product.
+  __device__ __forceinline__ void prime() const {
+    for (int j = 0; j < ahead; ++j) issue(j);
+  }
+
+  // Waits for every group but the D newest: step j's, given step j + D issued last.
+  __device__ __forceinline__ void wait() const {
+    if (ahead <= 0) {
+      cp_async_wait<0>();
+    } else if (ahead == 1) {
+      cp_async_wait<1>();
+    } else if (ahead == 2) {
+      cp_async_wait<2>();
+    } else {
+      cp_async_wait<3>();
+    }
+  }
 };
 
-// Issues the tiles X, M of one step into buffer `buf` (0 or 1) of sX / sM, one cp.async group.
-template <typename T, int L>
-__device__ __forceinline__ void issue_tiles(const T* x, int64_t x_ld, const T* m, int64_t m_ld, int buf, T* sX,
-                                            T* sM) {
-  constexpr int kThreads = PostWarps<L>::kThreads;
-  load_tile<T, L, L, kThreads>(sX + buf * L * kLd, x, x_ld);
-  load_tile<T, L, kBwTile, kThreads>(sM + buf * kBwTile * kLd, m, m_ld);
-  cp_async_commit();
-}
-
-// Issues step 0 of `sp` into buffer `buf`.
-template <typename T, int L>
-__device__ __forceinline__ void issue_state_step(StateProduct<T> sp, int buf, T* sX, T* sM) {
-  issue_tiles<T, L>(sp.x, sp.x_ld, sp.m, sp.m_ld, buf, sX, sM);
-}
-
-// acc = sum over i < n of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16 rows
-// (strip) and kOutCols columns from c0. Step i's tiles sit in buffer (phase + i) & 1, and the
-// tiles of step i + 1 are in flight during the products of step i. Step 0's tiles must be in
-// flight already (issue_state_step, by the caller or, as its `next`, by the product before);
-// with has_next this call issues next's step 0 during its own last step, so that they land during
-// the caller's work between the two. Waits for every cp.async group committed before its last
-// step; advances phase by n.
+// acc = sum over the next n steps of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16
+// rows (strip) and kOutCols columns from c0. Tiles the caller committed before the first step
+// (its own cp.async group) are complete and visible at return when n >= D; else the caller waits.
 template <typename T, int L, bool kBT>
-__device__ __forceinline__ void rows_by_state(float (&acc)[PostWarps<L>::kOutCols / 8][4], StateProduct<T> sp,
-                                              bool has_next, StateProduct<T> next, int& phase, T* sX, T* sM,
-                                              int strip, int c0) {
-  constexpr int NO = PostWarps<L>::kOutCols / 8;
+__device__ __forceinline__ void rows_by_state(float (&acc)[PostWarps<L>::kOutCols / 8][4], StateStream<T, L>& st,
+                                              int n, int strip, int c0) {
+  constexpr int NO = PostWarps<L>::kOutCols / 8, kStages = PostSmem<L>::kStages;
   // B is M^T ([n][k]: rows c0.. of M) or M ([k][n]: columns c0..).
   const int b_off = kBT ? c0 : c0 * kLd;
+  const bool end_barrier = st.ahead >= kStages - 1;
   zero(acc);
-  for (int i = 0; i < sp.n; ++i) {
-    const int buf = (phase + i) & 1;
-    if (i + 1 < sp.n) {
-      // The other buffer's step (i - 1, or the product before) is done: the barrier below.
-      issue_tiles<T, L>(sp.x + (i + 1) * sp.x_step, sp.x_ld, sp.m + (i + 1) * sp.m_step, sp.m_ld, buf ^ 1, sX, sM);
-      cp_async_wait<1>();
-    } else if (has_next) {
-      issue_state_step<T, L>(next, buf ^ 1, sX, sM);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+  for (int i = 0; i < n; ++i) {
+    const int j = st.next++;
+    st.issue(j + st.ahead);
+    st.wait();
     __syncthreads();
-    warp_gemm<T, false, kBT, NO>(acc, sX + buf * L * kLd + strip * 16 * kLd, kLd, sM + buf * kBwTile * kLd + b_off,
-                                 kLd, 0, kBwTile / 16);
-    __syncthreads();  // the buffers of step i are refilled at step i + 2
+    const int slot = j % kStages;
+    warp_gemm<T, false, kBT, NO>(acc, st.sX + slot * L * kLd + strip * 16 * kLd, kLd,
+                                 st.sM + slot * kBwTile * kLd + b_off, kLd, 0, kBwTile / 16);
+    if (end_barrier) __syncthreads();  // step j's slot is refilled at step j + 1
   }
-  phase += sp.n;
 }
 
 // dH_t . H_t for the chunk's L rows into ddot: a warp per 16 rows (t = warp + NW j), a lane per
@@ -492,20 +517,19 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
     load_tile<T, L, L, kThr>(sB, K + d0, p.DQ);
     cp_async_commit();
   };
-  // The state products in the order they run (dH C_k^T and V G_{k+1}^T per DQ tile, then K G_{k+1}
-  // per DV tile). Chained (p.chain_states), each issues the next one's first tiles during its
-  // last step, so that they land during the products and stores between the two; `early`: the
-  // first product's tiles and the first Q and K tiles go out before the elementwise step.
-  auto by_C = [&](int d0) {
-    return StateProduct<T>{dH, kBwTile, p.DV, C_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile};
+  // The state products' steps (StateStream: dH C_k^T and V G_{k+1}^T per DQ tile, then K G_{k+1}
+  // per DV tile) through the ring, p.ahead of them in flight; `early`: the first ones and the
+  // first Q and K tiles go out before the elementwise step.
+  const int nQ = p.DQ / kBwTile, nD = p.DV / kBwTile;
+  StateStream<T, L> st{dH, V, K, C_k, G_k, p.DQ, p.DV, nQ, nD, 2 * nQ * nD, 3 * nQ * nD, p.ahead, sX, sM, 0};
+  const bool early = kWC > 1 && p.ahead > 0;
+  // Tiles committed before a product of n steps are waited for by its steps when n >= ahead.
+  auto own_tiles_landed = [&](int n) {
+    if (n < p.ahead) {
+      cp_async_wait<0>();
+      __syncthreads();
+    }
   };
-  auto by_G = [&](int d0) {
-    return StateProduct<T>{V, kBwTile, p.DV, G_k + static_cast<int64_t>(d0) * p.DV, kBwTile, p.DV, p.DV / kBwTile};
-  };
-  auto by_KG = [&](int e0) {
-    return StateProduct<T>{K, kBwTile, p.DQ, G_k + e0, static_cast<int64_t>(kBwTile) * p.DV, p.DV, p.DQ / kBwTile};
-  };
-  const bool chain = p.chain_states, early = kWC > 1 && chain;
   for (int t = threadIdx.x; t < L; t += blockDim.x) {
     cols[t] = 0.f;
     if constexpr (kWC > 1) rows[t] = qdot[t] = kdot[t] = 0.f;  // summed over a strip's warps
@@ -529,7 +553,7 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
     // The first state product's tiles (sX holds no park here) and the DQ loop's first Q and K
     // tiles (sA, sB: the grams are done with them) land during the elementwise step.
     if (early) {
-      issue_state_step<T, L>(by_C(0), 0, sX, sM);
+      st.prime();
       load_qk(0);
     }
   } else {
@@ -602,22 +626,19 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
   const float* n_k = p.n_states + (pair * (p.NC + 1) + chunk) * p.DQ;
   const float* gn = p.gn + blk * p.DQ;
   constexpr int NO = Wp::kOutCols / 8;
-  int phase = 0;
-  if (chain && !early) issue_state_step<T, L>(by_C(0), 0, sX, sM);
+  if (!early) st.prime();
   for (int d0 = 0; d0 < p.DQ; d0 += kBwTile) {
     if (!early || d0 > 0) load_qk(d0);
     float inter[NO][4], o[NO][4];
     const int dc = d0 + co;  // the warp's first output column
     // dH C_k^T and V G_{k+1}^T over the DHHV blocks (the first also waits for the Q and K tiles).
-    if (!chain) issue_state_step<T, L>(by_C(d0), phase & 1, sX, sM);
-    rows_by_state<T, L, false>(inter, by_C(d0), chain, by_G(d0), phase, sX, sM, strip, co);
+    rows_by_state<T, L, false>(inter, st, nD, strip, co);
+    own_tiles_landed(nD);
     zero(o);
     warp_gemm<T, false, true, NO>(o, sDsp + strip * 16 * LdL, LdL, sB + co, kLd, 0, strip + 1);
     store_with_inter<T, NO>(o, inter, sA + co, static_cast<T*>(p.dq), row0, p.DQ, dc, t0, t1, qd0, qd1,
                             [&](int t, int d, float x) { return s.gq[t] * fmaf(s.r[t], x, s.dns[t] * __ldg(n_k + dc + d)); });
-    if (!chain) issue_state_step<T, L>(by_G(d0), phase & 1, sX, sM);
-    rows_by_state<T, L, false>(inter, by_G(d0), chain, d0 + kBwTile < p.DQ ? by_C(d0 + kBwTile) : by_KG(0), phase,
-                               sX, sM, strip, co);
+    rows_by_state<T, L, false>(inter, st, nD, strip, co);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sDsp + strip * 16, LdL, sA + co, kLd, strip, NS);
     store_with_inter<T, NO>(o, inter, sB + co, static_cast<T*>(p.dk), row0, p.DQ, dc, t0, t1, kd0, kd1,
@@ -631,10 +652,8 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
     cp_async_commit();
     float inter[NO][4], o[NO][4];
     // K G_{k+1} over the DHQK blocks (also waits for the dH tile).
-    if (!chain) issue_state_step<T, L>(by_KG(e0), phase & 1, sX, sM);
-    const bool more = e0 + kBwTile < p.DV;
-    rows_by_state<T, L, true>(inter, by_KG(e0), chain && more, by_KG(more ? e0 + kBwTile : e0), phase, sX, sM,
-                              strip, co);
+    rows_by_state<T, L, true>(inter, st, nQ, strip, co);
+    own_tiles_landed(nQ);
     zero(o);
     warp_gemm<T, true, true, NO>(o, sWr + strip * 16, LdL, sA + co, kLd, strip, NS);
 #pragma unroll

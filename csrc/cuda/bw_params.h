@@ -43,8 +43,9 @@ struct BwParams {
   float qk_scale, eps;
   bool exact;
   bool n_signed;  // den holds the forward's nsum (vecN_signed): bw_pre reads its sign, not Q K^T
-  bool grams_pipelined;  // bw_post at L = 128: dH V^T and Q K^T as one pipeline   (MLSTM_EXT_BW_PIPELINE
-  bool chain_states;     // bw_post: each state product issues the next one's tiles  bw_cuda.cpp)
+  bool grams_pipelined;  // bw_post at L = 128: dH V^T and Q K^T as one pipeline (bw_cuda.cpp)
+  int ahead;             // bw_post: state-product steps in flight ahead of the one multiplied,
+                         // 0 .. PostSmem<L>::kStages - 1 (bw_cuda.cpp)
 };
 
 constexpr int kLd = kBwTile + 8;  // row stride of a staged 16-bit tile: ldmatrix rows hit distinct banks
@@ -71,17 +72,22 @@ struct PostWarps {
 
 // Byte offsets: the Q/K (or dH) tiles, the two L x L operands, then one region that holds the
 // parked dH V^T during the elementwise step (where one warp spans a strip; with two, it stays in
-// registers) and the inter-chunk tiles after it, then the floats.
+// registers) and the inter-chunk ring after it, then the floats.
+// The ring has kStages slots, each an (L, 64) tile of dH, V or K and a 64 x 64 block of a state.
+// At L = 128 (one block per SM whatever its size) four: three steps in flight cover the copies'
+// latency that two slots left exposed (218 KB, under Hopper's 227); at L = 64 two, so that three
+// blocks still fit per SM.
 template <int L>
 struct PostSmem {
+  static constexpr int kStages = L == 128 ? 4 : 2;
   static constexpr int kLdL = L + 8;  // row stride of the L x L 16-bit matrices
   static constexpr int kTiles = 0;
   static constexpr int kDsp = kTiles + 2 * L * kLd * 2;
   static constexpr int kWr = kDsp + L * kLdL * 2;
   static constexpr int kFrag = kWr + L * kLdL * 2;
-  static constexpr int kX = kFrag;                     // two (L, 64) tiles of dH, V or K
-  static constexpr int kM = kX + 2 * L * kLd * 2;      // two 64 x 64 blocks of a state, 16-bit
-  static constexpr int kInter = 2 * (L + kBwTile) * kLd * 2;
+  static constexpr int kX = kFrag;                          // kStages (L, 64) tiles of dH, V or K
+  static constexpr int kM = kX + kStages * L * kLd * 2;     // kStages 64 x 64 blocks of a state, 16-bit
+  static constexpr int kInter = kStages * (L + kBwTile) * kLd * 2;
   static constexpr int kPark = PostWarps<L>::kWC == 1 ? L * L * 4 : 0;
   static constexpr int kRegion = kPark > kInter ? kPark : kInter;
   static constexpr int kFloats = kFrag + kRegion;
@@ -93,6 +99,9 @@ inline bool bw_fits(int L, int smem_per_block_optin) {
   const int need = L == 64 ? PostSmem<64>::kBytes : PostSmem<128>::kBytes;
   return need <= smem_per_block_optin;
 }
+
+// The most state-product steps bw_post can keep in flight at chunk size L.
+inline int bw_max_ahead(int L) { return (L == 64 ? PostSmem<64>::kStages : PostSmem<128>::kStages) - 1; }
 
 // The kernels for L = 64 or 128, DQ and DV multiples of kBwTile, 16-bit inputs (one file per
 // dtype): bw_pre when `post` is false, else bw_post.
