@@ -217,6 +217,7 @@ __device__ __forceinline__ void chunk_grams_pipelined(float (&hv)[PostWarps<L>::
 template <typename T, int L>
 struct StateStream {
   static constexpr int kStages = PostSmem<L>::kStages;
+  static_assert(kStages >= 2 && kStages <= 4, "wait() counts up to three newer groups");
   const T *dH, *V, *K, *C_k, *G_k;
   int DQ, DV, nQ, nD, n_dq, n_all;  // n_dq: the steps of the DQ loop's products
   int ahead;
@@ -254,17 +255,7 @@ struct StateStream {
   }
 
   // Waits for every group but the D newest: step j's, given step j + D issued last.
-  __device__ __forceinline__ void wait() const {
-    if (ahead <= 0) {
-      cp_async_wait<0>();
-    } else if (ahead == 1) {
-      cp_async_wait<1>();
-    } else if (ahead == 2) {
-      cp_async_wait<2>();
-    } else {
-      cp_async_wait<3>();
-    }
-  }
+  __device__ __forceinline__ void wait() const { cp_async_wait_upto3(ahead); }
 };
 
 // acc = sum over the next n steps of X_i M_i^T (kBT false) or X_i M_i (kBT true): the warp's 16
@@ -523,10 +514,11 @@ __global__ void __launch_bounds__(PostWarps<L>::kThreads, L == 64 ? 3 : 1) bw_po
   const int nQ = p.DQ / kBwTile, nD = p.DV / kBwTile;
   StateStream<T, L> st{dH, V, K, C_k, G_k, p.DQ, p.DV, nQ, nD, 2 * nQ * nD, 3 * nQ * nD, p.ahead, sX, sM, 0};
   const bool early = kWC > 1 && p.ahead > 0;
-  // Tiles committed before a product of n steps are waited for by its steps when n >= ahead.
+  // Tiles committed just before a product of n steps: its steps' waits cover them when n >= ahead;
+  // else n groups (its issues) came after them.
   auto own_tiles_landed = [&](int n) {
     if (n < p.ahead) {
-      cp_async_wait<0>();
+      cp_async_wait_upto3(n);
       __syncthreads();
     }
   };
