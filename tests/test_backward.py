@@ -367,9 +367,9 @@ def test_cuda_fused_matches_unfused_and_float64(seed, dtype, grad_mode, shape, s
 @pytest.mark.parametrize("shape", FUSED_SHAPES + [(1, 2, 128, 192, 64, 64), (1, 2, 256, 192, 192, 128)], ids=str)
 def test_cuda_bw_post_pipelines_agree(seed, shape, monkeypatch):
     """bw_post with its copies issued ahead (default: the two grams as one pipeline at L = 128,
-    the state products' steps through a ring with all it holds in flight) gives the same gradients
-    as with every copy waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only)
-    and as with fewer steps in flight (MLSTM_EXT_BW_AHEAD=1, 2): the products are the same, in the
+    the state products' steps through a ring, two ahead at L = 128) gives the same gradients as
+    with every copy waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only)
+    and as with one or three steps ahead (MLSTM_EXT_BW_AHEAD; L = 64 holds one at most): the products are the same, in the
     same order; only when their tiles arrive differs. The shapes take products of fewer steps than
     are in flight (DHHV 64: one), as many (DHQK = DHHV = 192 at L = 128: three) and more. Not the
     same bits: bw_post's column sums are float atomics from every warp that covers a key, whose
@@ -380,7 +380,7 @@ def test_cuda_bw_post_pipelines_agree(seed, shape, monkeypatch):
     del junk
     got = run_bw(*args, signed=True)
     for var, level in (("MLSTM_EXT_BW_PIPELINE", "0"), ("MLSTM_EXT_BW_PIPELINE", "1"),
-                       ("MLSTM_EXT_BW_AHEAD", "1"), ("MLSTM_EXT_BW_AHEAD", "2")):
+                       ("MLSTM_EXT_BW_AHEAD", "1"), ("MLSTM_EXT_BW_AHEAD", "3")):
         monkeypatch.setenv(var, level)
         junk = torch.full((256 << 20,), float("nan"), device="cuda")
         del junk

@@ -76,13 +76,13 @@ void fused_backward_cuda(const FusedBackwardTensors& t, const BackwardArgs& a, b
   // MLSTM_EXT_BW_PIPELINE (read at every call, for A/B in one process): 0 = bw_post's grams and
   // state products each wait for their own tiles with nothing in flight (as before the pipelines),
   // 1 = the grams pipelined only, unset or 2 = both. MLSTM_EXT_BW_AHEAD = 1 .. kStages - 1 sets
-  // how many state-product steps are in flight at level 2 (default: all the ring holds).
+  // how many state-product steps are in flight ahead at level 2 (default: PostSmem<L>::kAhead).
   const char* pipe = std::getenv("MLSTM_EXT_BW_PIPELINE");
   const int level = pipe == nullptr ? 2 : std::atoi(pipe);
   const int max_ahead = cuda::bw_max_ahead(p.L);
   const char* ahead = std::getenv("MLSTM_EXT_BW_AHEAD");
   p.grams_pipelined = level >= 1;
-  p.ahead = level < 2 ? 0 : ahead == nullptr ? max_ahead : std::clamp(std::atoi(ahead), 1, max_ahead);
+  p.ahead = level < 2 ? 0 : ahead == nullptr ? cuda::bw_default_ahead(p.L) : std::clamp(std::atoi(ahead), 1, max_ahead);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (a.fw.matQ.scalar_type() == at::kBFloat16) {
     cuda::launch_bw_bf16(p, post, stream);

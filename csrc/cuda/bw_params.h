@@ -73,13 +73,15 @@ struct PostWarps {
 // Byte offsets: the Q/K (or dH) tiles, the two L x L operands, then one region that holds the
 // parked dH V^T during the elementwise step (where one warp spans a strip; with two, it stays in
 // registers) and the inter-chunk ring after it, then the floats.
-// The ring has kStages slots, each an (L, 64) tile of dH, V or K and a 64 x 64 block of a state.
-// At L = 128 (one block per SM whatever its size) four: three steps in flight cover the copies'
-// latency that two slots left exposed (218 KB, under Hopper's 227); at L = 64 two, so that three
-// blocks still fit per SM.
+// The ring has kStages slots, each an (L, 64) tile of dH, V or K and a 64 x 64 block of a state,
+// and kAhead steps in flight besides the one waited for (bw_kernels.cuh, StateStream). At L = 128
+// (one block per SM whatever its size) four slots, two ahead: one barrier a step (three ahead
+// need a second one, and measured 1-3% slower; H100, NOTES.md "Seventeenth session"); 218 KB,
+// under Hopper's 227. At L = 64 two slots, one ahead, so that three blocks still fit per SM.
 template <int L>
 struct PostSmem {
   static constexpr int kStages = L == 128 ? 4 : 2;
+  static constexpr int kAhead = L == 128 ? 2 : 1;
   static constexpr int kLdL = L + 8;  // row stride of the L x L 16-bit matrices
   static constexpr int kTiles = 0;
   static constexpr int kDsp = kTiles + 2 * L * kLd * 2;
@@ -100,7 +102,8 @@ inline bool bw_fits(int L, int smem_per_block_optin) {
   return need <= smem_per_block_optin;
 }
 
-// The most state-product steps bw_post can keep in flight at chunk size L.
+// The state-product steps bw_post keeps in flight ahead at chunk size L: by default, and at most.
+inline int bw_default_ahead(int L) { return L == 64 ? PostSmem<64>::kAhead : PostSmem<128>::kAhead; }
 inline int bw_max_ahead(int L) { return (L == 64 ? PostSmem<64>::kStages : PostSmem<128>::kStages) - 1; }
 
 // The kernels for L = 64 or 128, DQ and DV multiples of kBwTile, 16-bit inputs (one file per
