@@ -204,9 +204,10 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const at::Tensor ga = at::exp((g_k.unsqueeze(-1) - bg) + (I - m_next.unsqueeze(-1))).to(ct);
   const at::Tensor decay = at::exp((g_k + m_prev) - m_next).to(ct);
 
-  // Inputs as (g * NC, L, D) batches of chunks, in their own dtype.
+  // Inputs as (g * NC, L, D) batches of chunks, in their own dtype. V contiguous: dnsum's dots
+  // (below) cancel, so they must not take another rounding order for another caller's strides.
   const at::Tensor Q = sl(p.Q).reshape({g * NC, L, DQ}), K = sl(p.K).reshape({g * NC, L, DQ});
-  const at::Tensor V = sl(p.V).reshape({g * NC, L, DV});
+  const at::Tensor V = sl(p.V).reshape({g * NC, L, DV}).contiguous();
   auto rows = [&](const at::Tensor& t) { return t.view({g, NC, L, t.size(-1)}); };
 
   // Intra-chunk weights W = qk_scale (q_t . k_s) P[t, s], P = exp(bg[t] - bg[s] + i[s] - m[t]);
@@ -226,23 +227,32 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const at::Tensor dnum_gq = dH.defined() ? scaled(dH, (r * gq).unsqueeze(-1), lp).view({g * NC, L, DV})
                                           : at::zeros({g * NC, L, DV}, lp_opts);
   const at::Tensor N_prev = N_all.narrow(1, 0, NC).reshape({g * NC, DQ, 1});
+  const at::Tensor C_prev = C_all.narrow(1, 0, NC).to(lp).reshape({g * NC, DQ, DV});
+  // Intra-chunk part: dW = dnum v^T (+ dnsum), dV = W^T dnum, d(q.k) = qk_scale dW P,
+  // d log P = dW W. The incoming state's part of dQ: gq[t] r[t] dH_t C_k^T (+ dnsum's).
+  at::Tensor dW = bmm(dnum, V.transpose(1, 2), lp, ct).view({g, NC, L, L});
+  dW.masked_fill_(p.upper, 0);
+  at::Tensor dQg = bmm(dnum_gq, C_prev.transpose(1, 2), lp, ct);
   at::Tensor dnsum;  // (g, NC, L), "exact" with an incoming dH only
   at::Tensor Qc;     // Q in ct, for the normaliser's terms: nsum's sign and dnsum cancel finely
   if (p.a.exact && dH.defined()) {
     // den = max(|nsum|, exp(-m)): the gradient follows |nsum| where it is the larger. nsum is
     // the forward's where it saved it (vecN_signed), else formed again.
-    Qc = Q.to(ct);
+    Qc = Q.to(ct).contiguous();  // likewise
     const at::Tensor nsum = p.a.fw.vecN_signed ? sl(p.den).view({g, NC, L})
                                                : W.sum(-1) + gq * at::bmm(Qc, N_prev).view({g, NC, L});
-    const at::Tensor dden = (dH.to(ct) * sl(p.H).view({g, NC, L, DV})).sum(-1).mul_(r).neg_();
+    // dden = -r (dH . H). Where the products run in the compute dtype (lp == ct: the CPU, float32
+    // inputs), dH . H = r (dH . num) from them, never from the stored H: H is rounded to the
+    // inputs' dtype, and where nsum is a cancellation |H| is large and dH . H cancels by orders of
+    // magnitude (a 16-bit H lost 5-30% of dnsum there: NOTES.md, seventeenth session).
+    // num = sum_s W[t, s] v_s + gq[t] q_t C_k, and dW, dQg hold its dot with r dH. The 16-bit
+    // CUDA path (and the fused kernels) still read H: their fix is not yet GPU-tested.
+    const at::Tensor dH_H = lp == ct ? (dW * W).sum(-1) + (rows(dQg) * rows(Qc)).sum(-1)
+                                     : (dH.to(ct) * sl(p.H).view({g, NC, L, DV})).sum(-1);
+    const at::Tensor dden = dH_H.mul(r).neg_();
     dnsum = at::where(nsum.abs() < at::exp(-m), 0.0, dden * nsum.sign());
+    dW.add_(dnsum.unsqueeze(-1)).masked_fill_(p.upper, 0);
   }
-
-  // Intra-chunk part: dW = dnum v^T (+ dnsum), dV = W^T dnum, d(q.k) = qk_scale dW P,
-  // d log P = dW W.
-  at::Tensor dW = bmm(dnum, V.transpose(1, 2), lp, ct).view({g, NC, L, L});
-  if (dnsum.defined()) dW.add_(dnsum.unsqueeze(-1));
-  dW.masked_fill_(p.upper, 0);
   const at::Tensor W_lp = W.to(lp).view({g * NC, L, L});
   const at::Tensor dSP = scaled(P, dW, lp).view({g * NC, L, L});
   P.reset();
@@ -255,8 +265,6 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
 
   // dQ: the incoming state's term gq[t] q_t (C_k, n_k) first (its gate gradient is q_t . dQ),
   // then the intra-chunk term.
-  const at::Tensor C_prev = C_all.narrow(1, 0, NC).to(lp).reshape({g * NC, DQ, DV});
-  at::Tensor dQg = bmm(dnum_gq, C_prev.transpose(1, 2), lp, ct);
   at::Tensor gq_dnsum;  // (g * NC, L, 1)
   if (dnsum.defined()) {
     gq_dnsum = (gq * dnsum).view({g * NC, L, 1});
