@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
 # The chunk plans' device check (~4 minutes with the build; carry [".whl"] for the Triton table).
-# PATCH=1 first applies benchmarks/prepared/two_step_chunk128.patch (the two kernels of chunk 64
-# at chunk 128 where the fused forward does not run; prepared in the sixteenth session, not yet
-# GPU-run). Then the CUDA tests the plans touch (test_backward, test_fused_forward's default-plan
-# tests, test_chunkwise, test_hostile; side by side), benchmarks/chunk_choice.py (each pass at
-# chunk 64 and 128, and the plans) and, with TABLES=1, forward + backward against Triton.
-#   device: PATCH=1 bash benchmarks/prepared/check_s16.sh > $OUT/s16.log 2>&1
+# The CUDA tests the chunk plans touch (test_backward, test_fused_forward's default-plan tests,
+# test_chunkwise, test_hostile; side by side), benchmarks/chunk_choice.py (each pass at chunk 64
+# and 128, and the plans) and, with TABLES=1, forward + backward against Triton. (Its PATCH=1, the
+# two kernels at chunk 128, landed in e11ab77.)
+#   device: bash benchmarks/prepared/check_s16.sh > $OUT/s16.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; t0=$SECONDS
-if [ "${PATCH:-0}" = 1 ]; then
-  { git apply benchmarks/prepared/two_step_chunk128.patch || patch -s -p1 < benchmarks/prepared/two_step_chunk128.patch; } && echo "patch applied" || exit 1
-fi
 MAX_JOBS=16 STAGES=build bash benchmarks/gpu_check.sh > "$OUT/gc.log" 2>&1; echo "build rc=$? $((SECONDS - t0)) s"
 export PYTHONPATH=/tmp/site
 pt() { timeout 120 python3 -m pytest -q -p no:cacheprovider -rxX "$@" 2>&1; }
