@@ -31,7 +31,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-// The same for a run-time n (block-uniform), 0 .. 3; more waits as for 3.
+// The same for a run-time n (block-uniform), 0 .. 3; n > 3 waits as for 3 (more than asked).
 __device__ __forceinline__ void cp_async_wait_upto3(int n) {
   if (n <= 0) {
     cp_async_wait<0>();
