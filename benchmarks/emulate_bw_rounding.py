@@ -29,8 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from mlstm_ext.reference import MINIMUM_MAX_VAL, log_forget, recurrent_fw_states, rel_norm_err  # noqa: E402
-from test_backward import GRADS, cot, hostile_gates, reference_grads  # noqa: E402
-from test_chunkwise import make_qkvif  # noqa: E402
+from test_backward import GRADS, case_with_gates  # noqa: E402
 
 F64, BF16 = torch.float64, torch.bfloat16
 
@@ -79,13 +78,9 @@ class Rounder:
 
 
 def make_case(case, seed, shape=(1, 2, 256, 256, 128, 64)):
-    """The inputs of tests/test_backward.py::cuda_case_with_gates (bf16, exact), on the CPU, and
-    the float64 reference gradients: (inputs dict, eps, reference tuple)."""
-    B, NH, S, DQ, DV, L = shape
-    qkvif, st, eps = hostile_gates(case, *make_qkvif(B, NH, S, DQ, DV, BF16, True, seed=seed))
-    dH = cot((B, NH, S, DV), seed, dtype=BF16)
-    dC, dN = cot((B, NH, DQ, DV), seed + 1), cot((B, NH, DQ), seed + 2)
-    want = reference_grads(qkvif, st, dH, dC, dN, L, "exact", eps=eps)
+    """The inputs of tests/test_backward.py::case_with_gates (bf16, exact), on the CPU, and the
+    float64 reference gradients: (inputs dict, eps, reference tuple)."""
+    (qkvif, st, dH, dC, dN, _, _), eps, want = case_with_gates(shape, BF16, "exact", seed, case, device="cpu")
     x = dict(zip("qkvif", qkvif), C0=st[0], n0=st[1], m0=st[2], dH=dH, dC=dC, dN=dN)
     return x, eps, want
 

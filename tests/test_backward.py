@@ -272,7 +272,7 @@ def test_no_double_backward(seed):
 CUDA_TOL = {F32: 2e-5, BF16: 3e-2, F16: 8e-3}
 
 
-def cuda_case_with_gates(shape, dtype, grad_mode, seed, case="plain", device="cuda"):
+def case_with_gates(shape, dtype, grad_mode, seed, case="plain", device="cuda"):
     """Random inputs with initial states and incoming gradients of every output, the gates made
     hostile by hostile_gates(case): run_bw's arguments on `device`, its eps, and the float64
     reference gradients (CPU)."""
@@ -287,8 +287,8 @@ def cuda_case_with_gates(shape, dtype, grad_mode, seed, case="plain", device="cu
 
 
 def cuda_case(shape, dtype, grad_mode, seed):
-    """cuda_case_with_gates with ordinary gates (eps: run_bw's default): (args, reference)."""
-    args, _, want = cuda_case_with_gates(shape, dtype, grad_mode, seed)
+    """case_with_gates with ordinary gates (eps: run_bw's default): (args, reference)."""
+    args, _, want = case_with_gates(shape, dtype, grad_mode, seed)
     return args, want
 
 
@@ -366,15 +366,15 @@ def test_cuda_fused_matches_unfused_and_float64(seed, dtype, grad_mode, shape, s
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", FUSED_SHAPES + [(1, 2, 128, 192, 64, 64), (1, 2, 256, 192, 192, 128)], ids=str)
 def test_cuda_bw_post_pipelines_agree(seed, shape, monkeypatch):
-    """bw_post with its copies issued ahead (default: the two grams as one pipeline at L = 128,
-    the state products' steps through a ring, two ahead at L = 128) gives the same gradients as
-    with every copy waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only)
-    and as with one or three steps ahead (MLSTM_EXT_BW_AHEAD; L = 64 holds one at most): the products are the same, in the
-    same order; only when their tiles arrive differs. The shapes take products of fewer steps than
-    are in flight (DHHV 64: one), as many (DHQK = DHHV = 192 at L = 128: three) and more. Not the
-    same bits: bw_post's column sums are float atomics from every warp that covers a key, whose
-    order (and so dI's, dF's last bits) varies from run to run at any level; a tile read from the
-    wrong slot would be off by O(1)."""
+    """bw_post with its copies issued ahead (default: the two grams as one pipeline at L = 128, the
+    state products' steps through a ring, two ahead at L = 128) gives the same gradients as with
+    every copy waited for before its products (MLSTM_EXT_BW_PIPELINE=0, and 1: grams only) and as
+    with one or three steps ahead (MLSTM_EXT_BW_AHEAD; L = 64 holds one at most): the products are
+    the same, in the same order; only when their tiles arrive differs. The shapes take products of
+    fewer steps than are in flight (DHHV 64: one), as many (DHQK = DHHV = 192 at L = 128: three,
+    with three ahead) and more. Not the same bits: bw_post's column sums are float atomics from
+    every warp that covers a key, whose order (and so dI's, dF's last bits) varies from run to run
+    at any level; a tile read from the wrong slot would be off by O(1)."""
     args, _ = cuda_case(shape, BF16, "exact", seed)
     junk = torch.full((256 << 20,), float("nan"), device="cuda")
     del junk
@@ -504,8 +504,8 @@ def bw_post_chunks(fn):
 
 
 def hostile_case(case, seed):
-    """cuda_case_with_gates at (1, 2, 256, 256, 128, 64), bf16, exact: (args, eps, reference)."""
-    return cuda_case_with_gates((1, 2, 256, 256, 128, 64), BF16, "exact", seed, case)
+    """case_with_gates at (1, 2, 256, 256, 128, 64), bf16, exact: (args, eps, reference)."""
+    return case_with_gates((1, 2, 256, 256, 128, 64), BF16, "exact", seed, case)
 
 
 @requires_cuda
@@ -544,7 +544,7 @@ def test_cpu_16bit_cancelled_normaliser(dtype, signed):
     comes out of a sum that cancels by ~470. Formed from the 16-bit H the forward stores, dQ, dK
     and dI were 4.5e-2 off float64 in bf16; the ATen path takes dH . H = r (dH . num) from float32
     products, so only the 16-bit outputs' rounding is left (NOTES.md, seventeenth session)."""
-    args, eps, want = cuda_case_with_gates((1, 2, 256, 256, 128, 64), dtype, "exact", 1710783634, "wide",
+    args, eps, want = case_with_gates((1, 2, 256, 256, 128, 64), dtype, "exact", 1710783634, "wide",
                                            device="cpu")
     got = run_bw(*args, eps=eps, signed=signed)
     out_rounding = 4e-3 if dtype == BF16 else 5e-4  # dQ, dK, dV are returned in the inputs' dtype
