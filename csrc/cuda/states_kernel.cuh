@@ -54,11 +54,22 @@ __device__ __forceinline__ void start_chunk(float gk, float amax, float& m, floa
 // s0+8, s0+9 (s0 = 16 ks + 2 tq), whose weights are w0, w1, w8, w9. v_lane: this lane's ldmatrix
 // .trans row address in the V tile at the warp's first column; the n-tile pairs whose first
 // column is below cols_valid are multiplied.
-template <typename T, int NT>
+// kZeroPadded (the states kernel, whose V tiles are zero past cols_valid, and whose accumulators
+// past it are never stored): every pair is multiplied, without a test. Then ptxas loads every V
+// fragment first and puts all lo products between an accumulator's lo and hi; with the tests it
+// keeps one pair's four products together, its hi products waiting on its lo ones. The products
+// per accumulator and their order are the same either way. The fused forward keeps the tests: it
+// sits at its 128-register cap.
+template <typename T, int NT, bool kZeroPadded = false>
 __device__ __forceinline__ void state_kstep(float (&acc)[NT][4], float (&n_part)[2], const T* k_lane, const T* v_lane,
                                             float w0, float w1, float w8, float w9, int cols_valid) {
   uint32_t kr[4];
   ldmatrix_x4_trans(kr, k_lane);
+  uint32_t bv[kZeroPadded ? NT / 2 : 1][4];  // kZeroPadded: V fragments of n-tiles 2np, 2np+1
+  if constexpr (kZeroPadded) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) ldmatrix_x4_trans(bv[np], v_lane + np * 16);
+  }
   const float2 k0 = unpack2<T>(kr[0]), k1 = unpack2<T>(kr[1]);
   const float2 k2 = unpack2<T>(kr[2]), k3 = unpack2<T>(kr[3]);
   const float x[8] = {k0.x * w0, k0.y * w1, k1.x * w0, k1.y * w1, k2.x * w8, k2.y * w9, k3.x * w8, k3.y * w9};
@@ -67,6 +78,19 @@ __device__ __forceinline__ void state_kstep(float (&acc)[NT][4], float (&n_part)
   uint32_t hi[4], lo[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) split2<T>(x[2 * q], x[2 * q + 1], hi[q], lo[q]);
+  if constexpr (kZeroPadded) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      mma_16816<T>(acc[2 * np], lo, bv[np][0], bv[np][1]);  // the small half first
+      mma_16816<T>(acc[2 * np + 1], lo, bv[np][2], bv[np][3]);
+    }
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      mma_16816<T>(acc[2 * np], hi, bv[np][0], bv[np][1]);
+      mma_16816<T>(acc[2 * np + 1], hi, bv[np][2], bv[np][3]);
+    }
+    return;
+  }
 #pragma unroll
   for (int np = 0; np < NT / 2; ++np) {
     if (np * 16 < cols_valid) {
@@ -305,7 +329,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) states_kernel(co
 #pragma unroll 1
         for (int ks = part; ks < ksteps; ks += Tr::kSplit) {
           const int s0 = ks * 16 + 2 * tq;
-          state_kstep<T, NT>(acc, n_part,
+          state_kstep<T, NT, true>(acc, n_part,
                              sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSK + wr + ((lane >> 3) & 1) * 8,
                              sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + (lane >> 4) * 8,
                              weight(s0), weight(s0 + 1), weight(s0 + 8), weight(s0 + 9), dv_valid);
