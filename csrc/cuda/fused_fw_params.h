@@ -14,6 +14,14 @@
 
 namespace mlstm::cuda {
 
+// Build-time knob for an A/B (benchmarks/NOTES.md, eighteenth session; not yet measured): 1 runs
+// the state update's k-steps as the states kernel does (state_kstep's kZeroPadded: the V tiles
+// are zero past the head here too), every V fragment first and the lo products together. Off by
+// default: the kernel sits at its 128-register cap, and at DHQK 256 it spills 16 bytes with it.
+#ifndef MLSTM_EXT_FUSED_LO_FIRST
+#define MLSTM_EXT_FUSED_LO_FIRST 0
+#endif
+
 // The gate terms of one chunk's H rows that do not depend on the state, made for every chunk
 // at once before the fused kernel (fused_fw_gates.cu), so that its chunk loop keeps no gate scan:
 // bg, bg_lo, col_a, col_b (the column terms, as stage_gates leaves them), m_intra (L floats each),
