@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fused_fw_kernel(
       const int s0 = (ks * 16 + 2 * tq) & 31;
       const float w0 = __shfl_sync(0xffffffffu, wq, s0), w1 = __shfl_sync(0xffffffffu, wq, s0 + 1);
       const float w8 = __shfl_sync(0xffffffffu, wq, s0 + 8), w9 = __shfl_sync(0xffffffffu, wq, s0 + 9);
-      state_kstep<T, kNTS, MLSTM_EXT_FUSED_LO_FIRST != 0>(acc, n_part,
+      state_kstep<T, kNTS, Tr::kLoFirst>(acc, n_part,
                            sK + (ks * 16 + (lane & 7) + ((lane >> 4) << 3)) * Tr::kSQ + ss * 16 + ((lane >> 3) & 1) * 8,
                            sV + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kSV + sc0 + (lane >> 4) * 8,
                            w0, w1, w8, w9, dv_valid - sc0);

@@ -14,12 +14,14 @@
 
 namespace mlstm::cuda {
 
-// Build-time knob for an A/B (benchmarks/NOTES.md, eighteenth session; not yet measured): 1 runs
-// the state update's k-steps as the states kernel does (state_kstep's kZeroPadded: the V tiles
-// are zero past the head here too), every V fragment first and the lo products together. Off by
-// default: the kernel sits at its 128-register cap, and at DHQK 256 it spills 16 bytes with it.
+// The state update's k-steps as the states kernel runs them (state_kstep's kZeroPadded: the V
+// tiles are zero past the head here too), every V fragment first and the lo products together:
+// FusedFwTraits::kLoFirst, on at (128, 64) only. There it measured 4-6% faster (H100,
+// benchmarks/NOTES.md, nineteenth session); at (256, 64) and (128, 128) the kernel sits at its
+// 128-register cap and ptxas spills with it (12-24 bytes; neutral at (256, 64)). Build-time
+// override for an A/B: MLSTM_EXT_FUSED_LO_FIRST=0 (off everywhere) or 1 (on everywhere).
 #ifndef MLSTM_EXT_FUSED_LO_FIRST
-#define MLSTM_EXT_FUSED_LO_FIRST 0
+#define MLSTM_EXT_FUSED_LO_FIRST -1
 #endif
 
 // The gate terms of one chunk's H rows that do not depend on the state, made for every chunk
@@ -77,6 +79,8 @@ struct FusedFwTraits {
   // Two blocks per SM fit in shared memory at (128, 64) (~108 KB each); one elsewhere (~181 KB at
   // (128, 128), ~191 KB at (256, 64)).
   static constexpr int kMinBlocks = kWarps == 8 ? 2 : 1;
+  static constexpr bool kLoFirst =
+      MLSTM_EXT_FUSED_LO_FIRST < 0 ? (kDQK == 128 && kL == 64) : MLSTM_EXT_FUSED_LO_FIRST != 0;
   static_assert(kWarps % kSStrips == 0 && kWarps % kHStrips == 0 && kHStrips % kColGroups == 0, "whole groups");
   static_assert(kL <= kDQK, "W fits in the Q rows");
   // Row strides (elements): odd multiples of 16 bytes, for conflict-free ldmatrix.

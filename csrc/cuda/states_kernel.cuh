@@ -58,8 +58,8 @@ __device__ __forceinline__ void start_chunk(float gk, float amax, float& m, floa
 // past it are never stored): every pair is multiplied, without a test. Then ptxas loads every V
 // fragment first and puts all lo products between an accumulator's lo and hi; with the tests it
 // keeps one pair's four products together, its hi products waiting on its lo ones. The products
-// per accumulator and their order are the same either way. The fused forward keeps the tests (it
-// sits at its 128-register cap) unless built with MLSTM_EXT_FUSED_LO_FIRST=1 (fused_fw_params.h).
+// per accumulator and their order are the same either way. The fused forward takes this order
+// where it has the registers for it (FusedFwTraits::kLoFirst) and keeps the tests elsewhere.
 template <typename T, int NT, bool kZeroPadded = false>
 __device__ __forceinline__ void state_kstep(float (&acc)[NT][4], float (&n_part)[2], const T* k_lane, const T* v_lane,
                                             float w0, float w1, float w8, float w9, int cols_valid) {
