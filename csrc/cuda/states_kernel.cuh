@@ -89,18 +89,18 @@ __device__ __forceinline__ void state_kstep(float (&acc)[NT][4], float (&n_part)
       mma_16816<T>(acc[2 * np], hi, bv[np][0], bv[np][1]);
       mma_16816<T>(acc[2 * np + 1], hi, bv[np][2], bv[np][3]);
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int np = 0; np < NT / 2; ++np) {
-    if (np * 16 < cols_valid) {
-      // V fragments (k = keys, n = columns) of n-tiles 2np, 2np+1: bv[0..1], bv[2..3].
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, v_lane + np * 16);
-      mma_16816<T>(acc[2 * np], lo, bv[0], bv[1]);  // the small half first
-      mma_16816<T>(acc[2 * np], hi, bv[0], bv[1]);
-      mma_16816<T>(acc[2 * np + 1], lo, bv[2], bv[3]);
-      mma_16816<T>(acc[2 * np + 1], hi, bv[2], bv[3]);
+    for (int np = 0; np < NT / 2; ++np) {
+      if (np * 16 < cols_valid) {
+        // V fragments (k = keys, n = columns) of n-tiles 2np, 2np+1: bv[0..1], bv[2..3].
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, v_lane + np * 16);
+        mma_16816<T>(acc[2 * np], lo, bv[0], bv[1]);  // the small half first
+        mma_16816<T>(acc[2 * np], hi, bv[0], bv[1]);
+        mma_16816<T>(acc[2 * np + 1], lo, bv[2], bv[3]);
+        mma_16816<T>(acc[2 * np + 1], hi, bv[2], bv[3]);
+      }
     }
   }
 }
