@@ -6,11 +6,13 @@
 # on the LO_FIRST build; A/B old -> tree (fwbw); bw_post's L2 eviction hints (MLSTM_EXT_BW_L2HINT
 # 0 -> 2, 4, 6, 3, 1, one process); A/B old -> tree (forward), tree -> LO_FIRST (forward); the tables
 # against Triton (fwbw, forward).
-#   device: BUDGET=540 bash benchmarks/prepared/check_s19.sh > $OUT/s19.log 2>&1
+# Ran (BUDGET=520) on c9ea898 plus branch s19-l2hint's plumbing: MLSTM_EXT_BW_L2HINT exists only
+# there, so on main its l2 rows time one build against itself.
+#   device: BUDGET=520 bash benchmarks/prepared/check_s19.sh > $OUT/s19.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; t0=$SECONDS
-left() { echo $((${BUDGET:-480} - (SECONDS - t0))); }
+left() { echo $((${BUDGET:-520} - (SECONDS - t0))); }
 b() { ( cd "$1" && MAX_JOBS=6 MLSTM_EXT_CUDA=1 NVCC_APPEND_FLAGS="${2:-}" timeout 240 python3 setup.py build_ext --inplace > "$OUT/build_$3.log" 2>&1
         echo "build $3 rc=$? $((SECONDS - t0)) s" ); }
 b .ab_base "" old &
@@ -33,8 +35,8 @@ fi
 abr() {  # OLD NEW OP TAG
   [ "$(left)" -gt 40 ] || return
   timeout $(($(left) - 5)) python3 benchmarks/bench_gpu.py --ab "$1,$2" --ab-op $3 --quick \
-      --rounds 2 --out "$OUT/ab_$4.md" > "$OUT/ab_$4.log" 2>&1; echo "ab $4 rc=$? $((SECONDS - t0)) s"
-  grep -E "^\| \(" "$OUT/ab_$4.md" | cut -d'|' -f2-6
+      --rounds 2 > "$OUT/ab_$4.log" 2>&1; echo "ab $4 rc=$? $((SECONDS - t0)) s"
+  grep -E "^\| \(" "$OUT/ab_$4.log" | cut -d'|' -f2-6  # --ab writes its table to the log and $OUT/ab.md
 }
 abr "$old" "$new" fwbw fwbw
 l2() {  # HINT: bw_post's L2 policies (MLSTM_EXT_BW_L2HINT) 0 -> HINT, forward + backward, one process
