@@ -70,14 +70,20 @@ int64_t workspace_per_pair(const StatesArgs& s, bool fused, ScanMode mode) {
   return 12 * states + 4 * s.S * (5 * s.DHQK + 4 * s.DHHV + 16) + 16 * s.NC * s.L * s.L;
 }
 
+// An operand of the GEMMs below as they multiply it: rounded to lp, held in ct (where no GEMM
+// takes 16-bit operands with float32 results: the CPU's emulation, torch before 2.8).
+at::Tensor operand(const at::Tensor& x, at::ScalarType lp, at::ScalarType ct) {
+  return lp == ct ? x.to(ct) : x.to(lp).to(ct);
+}
+
 // alpha * x @ y: 16-bit operands with float32 results (tensor cores) when lp != ct, else in ct.
 at::Tensor bmm(const at::Tensor& x, const at::Tensor& y, at::ScalarType lp, at::ScalarType ct,
                double alpha = 1.0) {
   at::Tensor out;
 #ifdef MLSTM_EXT_OUT_DTYPE_GEMM
-  if (lp != ct) out = at::bmm(x.to(lp), y.to(lp), ct);
+  if (lp != ct && x.is_cuda()) out = at::bmm(x.to(lp), y.to(lp), ct);
 #endif
-  if (!out.defined()) out = at::bmm(x.to(ct), y.to(ct));
+  if (!out.defined()) out = at::bmm(operand(x, lp, ct), operand(y, lp, ct));
   return alpha == 1.0 ? out : out.mul_(alpha);
 }
 
@@ -85,12 +91,12 @@ at::Tensor bmm(const at::Tensor& x, const at::Tensor& y, at::ScalarType lp, at::
 void bmm_acc(at::Tensor& acc, const at::Tensor& x, const at::Tensor& y, at::ScalarType lp,
              at::ScalarType ct, double alpha = 1.0) {
 #ifdef MLSTM_EXT_OUT_DTYPE_GEMM
-  if (lp != ct) {
+  if (lp != ct && x.is_cuda()) {
     at::baddbmm_out(acc, acc, x.to(lp), y.to(lp), ct, 1.0, alpha);
     return;
   }
 #endif
-  acc.baddbmm_(x.to(ct), y.to(ct), 1.0, alpha);
+  acc.baddbmm_(operand(x, lp, ct), operand(y, lp, ct), 1.0, alpha);
 }
 
 // x * scale (broadcast) written in dtype lp: one pass, no float32 intermediate.
@@ -222,17 +228,20 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const at::Tensor r = (den_of(sl(p.den).view({g, NC, L}), m, p.a.fw.vecN_signed) + p.a.fw.eps).reciprocal();
   const at::Tensor dH = p.dH.defined() ? sl(p.dH).view({g, NC, L, DV}) : at::Tensor();
   const auto lp_opts = Q.options().dtype(lp);
+  const at::Tensor dH3 = dH.defined() ? dH.reshape({g * NC, L, DV}) : at::zeros({g * NC, L, DV}, lp_opts);
   const at::Tensor dnum = dH.defined() ? scaled(dH, r.unsqueeze(-1), lp).view({g * NC, L, DV})
                                        : at::zeros({g * NC, L, DV}, lp_opts);
   const at::Tensor dnum_gq = dH.defined() ? scaled(dH, (r * gq).unsqueeze(-1), lp).view({g * NC, L, DV})
                                           : at::zeros({g * NC, L, DV}, lp_opts);
   const at::Tensor N_prev = N_all.narrow(1, 0, NC).reshape({g * NC, DQ, 1});
   const at::Tensor C_prev = C_all.narrow(1, 0, NC).to(lp).reshape({g * NC, DQ, DV});
-  // Intra-chunk part: dW = dnum v^T (+ dnsum), dV = W^T dnum, d(q.k) = qk_scale dW P,
-  // d log P = dW W. The incoming state's part of dQ: gq[t] r[t] dH_t C_k^T (+ dnsum's).
-  at::Tensor dW = bmm(dnum, V.transpose(1, 2), lp, ct).view({g, NC, L, L});
+  // Intra-chunk part: dW = r dH v^T (+ dnsum), dV = W^T dnum, d(q.k) = qk_scale dW P,
+  // d log P = dW W. The incoming state's part of dQ: gq[t] r[t] dH_t C_k^T (+ dnsum's). Both
+  // multiply dH as it came and take r and gq on their float32 results: dnsum is formed from them
+  // (below), and it cancels where the rounding of r dH to 16 bits would show.
+  at::Tensor dW = bmm(dH3, V.transpose(1, 2), lp, ct).view({g, NC, L, L}).mul_(r.unsqueeze(-1));
   dW.masked_fill_(p.upper, 0);
-  at::Tensor dQg = bmm(dnum_gq, C_prev.transpose(1, 2), lp, ct);
+  at::Tensor dQg = bmm(dH3, C_prev.transpose(1, 2), lp, ct).mul_((r * gq).view({g * NC, L, 1}));
   at::Tensor dnsum;  // (g, NC, L), "exact" with an incoming dH only
   at::Tensor Qc;     // Q in ct, for the normaliser's terms: nsum's sign and dnsum cancel finely
   if (p.a.exact && dH.defined()) {
@@ -241,14 +250,12 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
     Qc = Q.to(ct).contiguous();  // likewise
     const at::Tensor nsum = p.a.fw.vecN_signed ? sl(p.den).view({g, NC, L})
                                                : W.sum(-1) + gq * at::bmm(Qc, N_prev).view({g, NC, L});
-    // dden = -r (dH . H). Where the products run in the compute dtype (lp == ct: the CPU, float32
-    // inputs), dH . H = r (dH . num) from them, never from the stored H: H is rounded to the
-    // inputs' dtype, and where nsum is a cancellation |H| is large and dH . H cancels by orders of
-    // magnitude (a 16-bit H lost 5-30% of dnsum there: NOTES.md, seventeenth session).
-    // num = sum_s W[t, s] v_s + gq[t] q_t C_k, and dW, dQg hold its dot with r dH. The 16-bit
-    // CUDA path (and the fused kernels) still read H: their fix is not yet GPU-tested.
-    const at::Tensor dH_H = lp == ct ? (dW * W).sum(-1) + (rows(dQg) * rows(Qc)).sum(-1)
-                                     : (dH.to(ct) * sl(p.H).view({g, NC, L, DV})).sum(-1);
+    // dden = -r (dH . H), with dH . H = r (dH . num) from the float32 products, never from the
+    // stored H: H is rounded to the inputs' dtype, and where nsum is a cancellation |H| is large
+    // and dH . H cancels by orders of magnitude (a 16-bit H lost 5-30% of dnsum there: NOTES.md,
+    // seventeenth session). num = sum_s W[t, s] v_s + gq[t] q_t C_k, and dW, dQg hold its dot
+    // with r dH. (The fused CUDA kernels still read H.)
+    const at::Tensor dH_H = (dW * W).sum(-1) + (rows(dQg) * rows(Qc)).sum(-1);
     const at::Tensor dden = dH_H.mul(r).neg_();
     dnsum = at::where(nsum.abs() < at::exp(-m), 0.0, dden * nsum.sign());
     dW.add_(dnsum.unsqueeze(-1)).masked_fill_(p.upper, 0);
@@ -377,7 +384,13 @@ void chunkwise_bw_compute(const BackwardArgs& a, StatesKernel states_kernel, Bac
   const c10::OptionalDeviceGuard guard(a.fw.matQ.device());
   const int64_t BH = s.B * s.NH;
   const at::ScalarType ct = s.vecI.scalar_type(), in = a.fw.matQ.scalar_type();
-  const bool tensor_cores = a.fw.matQ.is_cuda() && (in == at::kBFloat16 || in == at::kHalf);
+  // 16-bit operands with float32 results on CUDA's tensor cores; on the CPU only where
+  // MLSTM_EXT_CPU_16BIT_GEMM=1 (read at every call) emulates them (tests: the CUDA path's
+  // arithmetic where there is no GPU).
+  const bool half = in == at::kBFloat16 || in == at::kHalf;
+  const char* emulate = std::getenv("MLSTM_EXT_CPU_16BIT_GEMM");
+  const bool tensor_cores =
+      half && (a.fw.matQ.is_cuda() || (emulate != nullptr && std::strcmp(emulate, "1") == 0));
   Plan p{a, states_kernel, BH, s.S, s.DHQK, s.DHHV, s.L, s.NC, ct, tensor_cores ? in : ct};
 
   if (BH == 0) return;

@@ -541,14 +541,19 @@ def test_cuda_planned_chunk(seed, case, signed, monkeypatch):
 CANCELLED_ROW_SEED = 1710783634
 
 
+@pytest.mark.parametrize("gemm", ["f32", "16bit"])
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
 @SIGNED
-def test_cpu_16bit_cancelled_normaliser(dtype, signed):
+def test_cpu_16bit_cancelled_normaliser(dtype, signed, gemm, monkeypatch):
     """The inputs test_cuda_ill_conditioned_row pins, on the CPU (the ATen path) in 16 bits: row
     120 of head 0 has nsum 2.8e-3 from terms of order one, so |H| = 2.5e3 and dnsum = -r dH . H
     comes out of a sum that cancels by ~470. Formed from the 16-bit H the forward stores, dQ, dK
     and dI were 4.5e-2 off float64 in bf16; the ATen path takes dH . H = r (dH . num) from float32
-    products, so only the 16-bit outputs' rounding is left (NOTES.md, seventeenth session)."""
+    products, so only the 16-bit outputs' rounding is left (NOTES.md, seventeenth session). gemm
+    "16bit": the same with the GEMMs' operands in 16 bits, as CUDA's batched-GEMM path multiplies
+    them (MLSTM_EXT_CPU_16BIT_GEMM=1); reading the stored H there, dQ was 4.6e-2 off in bf16 and
+    4.0e-3 in f16."""
+    monkeypatch.setenv("MLSTM_EXT_CPU_16BIT_GEMM", "1" if gemm == "16bit" else "0")
     args, eps, want = case_with_gates((1, 2, 256, 256, 128, 64), dtype, "exact", CANCELLED_ROW_SEED, "wide",
                                       device="cpu")
     got = run_bw(*args, eps=eps, signed=signed)
@@ -556,7 +561,27 @@ def test_cpu_16bit_cancelled_normaliser(dtype, signed):
     for name, g, w in zip(GRADS, got, want):
         assert torch.isfinite(g).all(), name
         err = rel_norm_err(g.double(), w)
-        assert err <= (out_rounding if name in ("dQ", "dK", "dV") else 1e-3), f"{name}: {err:.2e}"
+        # 16-bit operands (C_k, G_{k+1}, W) round the state and gate gradients too.
+        tol = out_rounding if name in ("dQ", "dK", "dV") or gemm == "16bit" else 1e-3
+        assert err <= tol, f"{name}: {err:.2e}"
+
+
+# float16 leaves out "wide": its exact dQ and dK reach 1e5 there, past float16's range.
+@pytest.mark.parametrize("dtype,case", [(BF16, "plain"), (BF16, "wide"), (BF16, "huge"), (BF16, "eps0"),
+                                        (F16, "plain"), (F16, "huge"), (F16, "eps0")], ids=str)
+@pytest.mark.parametrize("grad_mode", ["exact", "normaliser_constant"])
+def test_cpu_16bit_gemm_vs_float64(seed, dtype, case, grad_mode, monkeypatch):
+    """CUDA's batched-GEMM backward (where the fused kernels do not serve: head dims that are no
+    multiple of 64, chunks other than 64 and 128) multiplies 16-bit operands into float32: its
+    arithmetic on the CPU (MLSTM_EXT_CPU_16BIT_GEMM=1), against float64 with hostile gates, initial
+    states and incoming state gradients, within the CUDA tolerance."""
+    monkeypatch.setenv("MLSTM_EXT_CPU_16BIT_GEMM", "1")
+    args, eps, want = case_with_gates((1, 2, 192, 48, 80, 32), dtype, grad_mode, seed, case, device="cpu")
+    got = run_bw(*args, eps=eps, signed=True)
+    for g, x in zip(got[:3], args[0][:3]):
+        assert g.dtype == x.dtype
+    # atol: with wide gates and no normaliser gradient, dN0 is ~1e-100 in float64 (0 in float32).
+    check_all(got, want, CUDA_TOL[dtype], f"{dtype} {case} {grad_mode}", atol=1e-30)
 
 
 @requires_cuda
@@ -570,10 +595,24 @@ def test_cuda_ill_conditioned_row():
     16-bit H that bw_pre reads (and the forward's 16-bit W in W V) leave dnsum 5-30% off; dnsum's
     term is 80% of dQ's norm. The fused CUDA path (H100): 0.27-0.30 in dQ, dK and dI, at chunk 64
     and 128, given den or nsum; benchmarks/emulate_bw_rounding.py reproduces it from the CUDA
-    forward's own H, and the CPU's ATen path, which forms dH . H from float32 products, does not
-    lose it (test_cpu_16bit_cancelled_normaliser). Pinned here until the fused path does the same."""
+    forward's own H, and the ATen path (the CPU, and CUDA's batched GEMMs), which forms dH . H from
+    float32 products, does not lose it (test_cpu_16bit_cancelled_normaliser,
+    test_cuda_batched_gemm_cancelled_normaliser). Pinned here until the fused path does the same."""
     args, eps, want = hostile_case("wide", CANCELLED_ROW_SEED)
     check_all(run_bw(*args, eps=eps, signed=True), want, CUDA_TOL[BF16], "ill-conditioned row")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@SIGNED
+def test_cuda_batched_gemm_cancelled_normaliser(signed, monkeypatch):
+    """The row test_cuda_ill_conditioned_row pins, on CUDA's batched-GEMM path
+    (MLSTM_EXT_FUSED_BACKWARD=0), which forms dH . H from its float32 products as the CPU does
+    (test_cpu_16bit_cancelled_normaliser emulates its arithmetic: 2.8e-3 in dQ; reading the stored
+    H, 4.6e-2)."""
+    monkeypatch.setenv("MLSTM_EXT_FUSED_BACKWARD", "0")
+    args, eps, want = hostile_case("wide", CANCELLED_ROW_SEED)
+    check_all(run_bw(*args, eps=eps, signed=signed), want, 1e-2, "batched GEMMs, cancelled normaliser")
 
 
 @requires_cuda
