@@ -228,7 +228,7 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const at::Tensor r = (den_of(sl(p.den).view({g, NC, L}), m, p.a.fw.vecN_signed) + p.a.fw.eps).reciprocal();
   const at::Tensor dH = p.dH.defined() ? sl(p.dH).view({g, NC, L, DV}) : at::Tensor();
   const auto lp_opts = Q.options().dtype(lp);
-  const at::Tensor dH3 = dH.defined() ? dH.reshape({g * NC, L, DV}) : at::zeros({g * NC, L, DV}, lp_opts);
+  const at::Tensor dH3 = dH.defined() ? dH.reshape({g * NC, L, DV}).to(lp) : at::zeros({g * NC, L, DV}, lp_opts);
   const at::Tensor dnum = dH.defined() ? scaled(dH, r.unsqueeze(-1), lp).view({g * NC, L, DV})
                                        : at::zeros({g * NC, L, DV}, lp_opts);
   const at::Tensor dnum_gq = dH.defined() ? scaled(dH, (r * gq).unsqueeze(-1), lp).view({g * NC, L, DV})
