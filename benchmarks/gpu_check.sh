@@ -34,7 +34,8 @@
 #                     $OUT/ncu.txt; then benchmarks/bench_backward.py --profile 1 (the backward's
 #                     kernels, and its exact against its normaliser-constant time) in
 #                     $OUT/bench_backward.md
-#   OUT      output folder (default /tmp/mlstm_gpu_out); logs, bench.md/.json/.png go there
+#   OUT      output folder (default /tmp/mlstm_gpu_out); logs, bench.md/.json/.png go there (with
+#            more than 8 files there at the end, this script's logs go into $OUT/logs.tgz)
 #   BENCH    quick (default) | full | check
 #   PTXAS_V  1 (default): build with NVCC_APPEND_FLAGS=-Xptxas=-v to record registers/spills
 #   SANITIZE_TIMEOUT  seconds per sanitizer run (default 300)
@@ -319,6 +320,12 @@ for i in "${!NAMES[@]}"; do
     printf '%-14s %-14s %6s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECS[$i]}"
     [ "${RESULTS[$i]}" = PASS ] || fail=1
 done
+# The device tool brings back at most 8 files from $OUT: past that, this script's logs go into
+# one archive, logs.tgz, beside the tables and plots (a caller's own log in $OUT stays).
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+    (cd "$OUT" && ls | grep -E '^((build.*|main|memcheck|racecheck|pytest|bench|ab|ncu_.*)\.log|(ncu|nvidia-smi|ptxas_.*)\.txt)$' > "$OUT.list" || true
+     [ -s "$OUT.list" ] && tar czf logs.tgz -T "$OUT.list" && xargs rm -f < "$OUT.list"; rm -f "$OUT.list")
+fi
 ls "$OUT" | tr '\n' ' '
 echo
 exit "$fail"
