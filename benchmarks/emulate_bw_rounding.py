@@ -53,7 +53,12 @@ FIXES = {
               "sum_s W[t, s] (dH_t . v_s) + gq[t] dH_t . (q_t C_k) (C_k in 16 bits)",
     "bw_num_hilo": "bw_num with C_k as bf16 hi + lo in its inter-chunk dot",
     "fw_hilo": "the forward multiplies W V with W as bf16 hi + lo and stores H as hi + lo",
+    "bw_num_flagged": "bw_num on the chunks with a row whose |H_t| passes FLAG_RATIO x the "
+                      "chunk's largest |v_s| (a cancelled normaliser), the stored H elsewhere",
 }
+# bw_num_flagged's threshold on |H_t| / max_s |v_s| (norms over the head dim): a chunk with a row
+# past it takes the products (EMULATE_FLAG_RATIO overrides).
+FLAG_RATIO = float(os.environ.get("EMULATE_FLAG_RATIO", "32"))
 
 
 class Rounder:
@@ -185,6 +190,9 @@ def reverse_scan(X, decay, last):
     return out, G
 
 
+FLAGGED = []  # bw_num_flagged's per-chunk flags, as emulate_backward made them
+
+
 def emulate_backward(x, fw, L, eps, on, fix=None):
     """Gradients (dQ, dK, dV, dI, dF, dC0, dN0) of one slice by the fused CUDA path at chunk L,
     exact mode, vecN_signed, with the 16-bit roundings named in `on` and the fix `fix`."""
@@ -205,10 +213,15 @@ def emulate_backward(x, fw, L, eps, on, fix=None):
     # |nsum| >= e^-m. dH . H is the ill-conditioned quantity: the fix bw_num forms it from float32
     # products of the inputs instead of the 16-bit H (H = r num, num as the forward defines it).
     r = 1.0 / (torch.maximum(nsum.abs(), torch.exp(-m)) + eps)
-    if fix in ("bw_num", "bw_num_hilo"):
+    if fix in ("bw_num", "bw_num_hilo", "bw_num_flagged"):
         C_dot = rnd.split("C16", Cs[:NC]) if fix == "bw_num_hilo" else C16[:NC]
         dH_num = (W * hv).sum(-1) + gq * (dH * (q @ C_dot)).sum(-1)
         ddot = r * dH_num
+        if fix == "bw_num_flagged":
+            Hs = stored_H(fw, rnd, None).view(NC, L, DV)
+            flag = (Hs.norm(dim=-1) > FLAG_RATIO * v.norm(dim=-1).amax(-1, keepdim=True)).any(-1)
+            FLAGGED.append(flag)
+            ddot = torch.where(flag[:, None], ddot, (dH * Hs).sum(-1))
     else:
         ddot = (dH * stored_H(fw, rnd, fix).view(NC, L, DV)).sum(-1)
     dns = torch.where(nsum.abs() < torch.exp(-m), 0.0, -r * ddot * torch.sign(nsum))
