@@ -53,11 +53,12 @@ FIXES = {
               "sum_s W[t, s] (dH_t . v_s) + gq[t] dH_t . (q_t C_k) (C_k in 16 bits)",
     "bw_num_hilo": "bw_num with C_k as bf16 hi + lo in its inter-chunk dot",
     "fw_hilo": "the forward multiplies W V with W as bf16 hi + lo and stores H as hi + lo",
-    "bw_num_flagged": "bw_num on the chunks with a row whose |H_t| passes FLAG_RATIO x the "
-                      "chunk's largest |v_s| (a cancelled normaliser), the stored H elsewhere",
+    "bw_num_flagged": "bw_num on the chunks with a row whose stored |H_t| passes FLAG_RATIO x the "
+                      "geometric mean of the chunk's (a cancelled normaliser), the stored H elsewhere",
 }
-# bw_num_flagged's threshold on |H_t| / max_s |v_s| (norms over the head dim): a chunk with a row
-# past it takes the products (EMULATE_FLAG_RATIO overrides).
+# bw_num_flagged's threshold on |H_t| / (the geometric mean of the chunk's |H_s|), norms over the
+# head dim: a chunk with a row past it takes the products (EMULATE_FLAG_RATIO overrides; the
+# kernels' kDotFlagRatio, branch s21-bw-exact-dot).
 FLAG_RATIO = float(os.environ.get("EMULATE_FLAG_RATIO", "32"))
 
 
@@ -219,7 +220,8 @@ def emulate_backward(x, fw, L, eps, on, fix=None):
         ddot = r * dH_num
         if fix == "bw_num_flagged":
             Hs = stored_H(fw, rnd, None).view(NC, L, DV)
-            flag = (Hs.norm(dim=-1) > FLAG_RATIO * v.norm(dim=-1).amax(-1, keepdim=True)).any(-1)
+            h = Hs.norm(dim=-1)
+            flag = h.amax(-1) > FLAG_RATIO * h.clamp_min(1e-30).log().mean(-1).exp()
             FLAGGED.append(flag)
             ddot = torch.where(flag[:, None], ddot, (dH * Hs).sum(-1))
     else:
