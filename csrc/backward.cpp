@@ -228,11 +228,10 @@ void run_group(const Plan& p, int64_t g0, int64_t g, BackwardOutputs& out) {
   const at::Tensor r = (den_of(sl(p.den).view({g, NC, L}), m, p.a.fw.vecN_signed) + p.a.fw.eps).reciprocal();
   const at::Tensor dH = p.dH.defined() ? sl(p.dH).view({g, NC, L, DV}) : at::Tensor();
   const auto lp_opts = Q.options().dtype(lp);
+  // Without an incoming dH, one tensor of zeros (only read) stands for all three.
   const at::Tensor dH3 = dH.defined() ? dH.reshape({g * NC, L, DV}).to(lp) : at::zeros({g * NC, L, DV}, lp_opts);
-  const at::Tensor dnum = dH.defined() ? scaled(dH, r.unsqueeze(-1), lp).view({g * NC, L, DV})
-                                       : at::zeros({g * NC, L, DV}, lp_opts);
-  const at::Tensor dnum_gq = dH.defined() ? scaled(dH, (r * gq).unsqueeze(-1), lp).view({g * NC, L, DV})
-                                          : at::zeros({g * NC, L, DV}, lp_opts);
+  const at::Tensor dnum = dH.defined() ? scaled(dH, r.unsqueeze(-1), lp).view({g * NC, L, DV}) : dH3;
+  const at::Tensor dnum_gq = dH.defined() ? scaled(dH, (r * gq).unsqueeze(-1), lp).view({g * NC, L, DV}) : dH3;
   const at::Tensor N_prev = N_all.narrow(1, 0, NC).reshape({g * NC, DQ, 1});
   const at::Tensor C_prev = C_all.narrow(1, 0, NC).to(lp).reshape({g * NC, DQ, DV});
   // Intra-chunk part: dW = r dH v^T (+ dnsum), dV = W^T dnum, d(q.k) = qk_scale dW P,
